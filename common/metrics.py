@@ -1,0 +1,17 @@
+"""Prometheus metrics: each service builds its own registry (tests build several side by side)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Latency buckets around what matters here: the sender's 1 s timeout.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5)
+
+
+def metrics_response(registry: CollectorRegistry) -> web.Response:
+    """The registry in Prometheus' text format."""
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

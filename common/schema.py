@@ -1,0 +1,58 @@
+"""The wire schema: what Upgates sends, and the headers the receiver puts on each message.
+
+Decoders are built once here. The receiver decodes only the envelope (records stay raw bytes);
+the worker decodes each record on its own, so one bad record cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+EVENTS = ("create", "update", "delete")
+
+# Which timestamp field carries the event time of each event.
+TIME_FIELD = {
+    "create": "creation_time",
+    "update": "last_update_time",
+    "delete": "deletion_time",
+}
+
+# Message headers set by the receiver and read by the worker.
+H_EVENT = "x-event"
+H_PROJECT = "x-project-name"
+H_RECORDS = "x-record-count"
+H_RECEIVED_AT = "x-received-at"  # float seconds since the epoch
+H_REQUEST_ID = "x-request-id"
+H_ERROR = "x-error"  # set on messages the worker dead-letters itself
+
+
+class Envelope(msgspec.Struct):
+    """The body of every Customers.* webhook. Records are kept raw: the worker decodes them."""
+
+    project_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    customers: list[msgspec.Raw]
+
+
+class CustomerRecord(msgspec.Struct):
+    """One customer as Upgates sends it; lenient types, unknown fields ignored.
+
+    `customer_id` is `int` decoded with strict=False, so "42" is accepted; the booleans take
+    true/false, 1/0 and "1"/"0"; timestamps stay text and are parsed by the worker (msgspec's
+    RFC 3339 parser does not take the older `+0100` form nor naive Prague time).
+    """
+
+    customer_id: int
+    email: str | None = None
+    code: str | int | None = None
+    creation_time: str | None = None
+    last_update_time: str | None = None
+    deletion_time: str | None = None
+    active_yn: bool | None = None
+    blocked_yn: bool | None = None
+
+
+envelope_decoder = msgspec.json.Decoder(Envelope)
+record_decoder = msgspec.json.Decoder(CustomerRecord, strict=False)
+json_encoder = msgspec.json.Encoder()

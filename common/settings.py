@@ -1,0 +1,143 @@
+"""One frozen settings object, read once from the environment by each entry point."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of both services; the README's configuration table lists the same."""
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    database_url: str = "postgresql://postgres@localhost:5432/upgates"
+    # Accepted tokens. Empty only when allow_no_token is set on purpose.
+    webhook_tokens: tuple[str, ...] = ()
+    allow_no_token: bool = False
+    log_level: str = "INFO"
+    log_format: str = "auto"  # auto: JSON lines unless stdout is a terminal
+
+    # Receiver
+    receiver_host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    receiver_port: int = 8080
+    # A full 5000-record payload is about 1 MB; 16 MiB leaves room for long fields.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Upgates gives up after 1 s and may count that as delivered: answer well before that.
+    publish_timeout: float = 0.5
+    # Past 1 s the sender has given up: reading on only holds a connection open.
+    body_read_timeout: float = 1.0
+    max_in_flight: int = 512
+    retry_after_seconds: int = 30  # Upgates itself retries after 5 minutes whatever this says
+
+    # Broker topology (both services must agree: they declare the same queue arguments)
+    delivery_limit: int = 20
+    queue_max_length: int = 0  # 0: no limit; else reject-publish beyond it (receiver answers 503)
+    queue_max_bytes: int = 0
+
+    # Worker
+    prefetch: int = 64
+    batch_max_records: int = 10_000
+    batch_max_wait: float = 0.05
+    retry_max_backoff: float = 10.0
+    shutdown_grace: float = 20.0
+    worker_host: str = "0.0.0.0"  # noqa: S104 - see receiver_host
+    worker_port: int = 8081  # /healthz, /readyz, /metrics of a worker; 0 disables
+    db_pool_size: int = 2
+
+
+# Environment variable -> field. Explicit, so the README table can be checked against it.
+_ENV: dict[str, str] = {
+    "AMQP_URL": "amqp_url",
+    "DATABASE_URL": "database_url",
+    "WEBHOOK_TOKEN": "webhook_tokens",
+    "ALLOW_NO_TOKEN": "allow_no_token",
+    "LOG_LEVEL": "log_level",
+    "LOG_FORMAT": "log_format",
+    "RECEIVER_HOST": "receiver_host",
+    "RECEIVER_PORT": "receiver_port",
+    "MAX_BODY_BYTES": "max_body_bytes",
+    "PUBLISH_TIMEOUT": "publish_timeout",
+    "BODY_READ_TIMEOUT": "body_read_timeout",
+    "MAX_IN_FLIGHT": "max_in_flight",
+    "RETRY_AFTER_SECONDS": "retry_after_seconds",
+    "DELIVERY_LIMIT": "delivery_limit",
+    "QUEUE_MAX_LENGTH": "queue_max_length",
+    "QUEUE_MAX_BYTES": "queue_max_bytes",
+    "WORKER_PREFETCH": "prefetch",
+    "BATCH_MAX_RECORDS": "batch_max_records",
+    "BATCH_MAX_WAIT": "batch_max_wait",
+    "RETRY_MAX_BACKOFF": "retry_max_backoff",
+    "SHUTDOWN_GRACE": "shutdown_grace",
+    "WORKER_HOST": "worker_host",
+    "WORKER_PORT": "worker_port",
+    "DB_POOL_SIZE": "db_pool_size",
+}
+
+ENV_VARS = tuple(_ENV)
+
+
+def _parse(name: str, raw: str, default: object) -> object:
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise SettingsError(f"{name} must be true or false")
+    if isinstance(default, tuple):
+        # Several tokens, comma-separated, let an operator rotate without downtime.
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number") from None
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from the environment (or the given mapping) and check them."""
+    environ = os.environ if environ is None else environ
+    defaults = Settings()
+    values: dict[str, object] = {}
+    for name, field in _ENV.items():
+        if name in environ:
+            values[field] = _parse(name, environ[name], getattr(defaults, field))
+    settings = Settings(**values)  # type: ignore[arg-type]  # built from the typed defaults above
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse values that would break a promise, with a message naming the variable."""
+    if settings.log_format not in {"auto", "json", "text"}:
+        raise SettingsError("LOG_FORMAT must be auto, json or text")
+    for field in fields(Settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise SettingsError(f"{field.name} must not be negative")
+    if settings.max_body_bytes < 1024:
+        raise SettingsError("MAX_BODY_BYTES must be at least 1024")
+    if not 0 < settings.publish_timeout < 1:
+        raise SettingsError("PUBLISH_TIMEOUT must be above 0 and below Upgates' 1 s timeout")
+    if settings.prefetch < 1 or settings.batch_max_records < 1:
+        raise SettingsError("WORKER_PREFETCH and BATCH_MAX_RECORDS must be at least 1")
+    if settings.delivery_limit < 1:
+        raise SettingsError("DELIVERY_LIMIT must be at least 1")
+
+
+def require_token(settings: Settings) -> None:
+    """The receiver refuses to start open to anyone unless told so explicitly."""
+    if not settings.webhook_tokens and not settings.allow_no_token:
+        raise SettingsError(
+            "WEBHOOK_TOKEN is not set: refusing to accept webhooks from anyone. "
+            "Set WEBHOOK_TOKEN, or ALLOW_NO_TOKEN=true for a closed test network."
+        )

@@ -1,0 +1,77 @@
+"""The RabbitMQ topology, declared identically by the receiver and the workers.
+
+RabbitMQ refuses a redeclaration whose arguments differ (PRECONDITION_FAILED), so both services
+build the queue arguments here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
+
+from common.settings import Settings
+
+EXCHANGE = "upgates.webhooks"
+QUEUE = "upgates.customers"
+DEAD_EXCHANGE = "upgates.dead"
+DEAD_QUEUE = "upgates.customers.dead"
+ROUTING_KEYS = {event: f"customers.{event}" for event in ("create", "update", "delete")}
+
+# Seconds between heartbeats: a broker that stops answering (a dead link, not a closed one) is
+# noticed within a few of these instead of aio-pika's default of a minute or more.
+HEARTBEAT = 5
+
+
+def amqp_url_with_heartbeat(url: str) -> str:
+    """The URL with a short heartbeat, unless the operator chose one."""
+    if "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={HEARTBEAT}"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The declared objects a service works with."""
+
+    exchange: AbstractExchange
+    queue: AbstractQueue
+    dead_exchange: AbstractExchange
+    dead_queue: AbstractQueue
+
+
+def queue_arguments(settings: Settings) -> FieldTable:
+    """Arguments of the customer events queue."""
+    arguments: FieldTable = {
+        # Quorum: replicated, fsynced before the publisher confirm; the basis of "200 means stored".
+        "x-queue-type": "quorum",
+        # RabbitMQ 3.10 has no default limit: a message that always crashes its worker would loop.
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        # at-least-once dead-lettering keeps the message until the dead-letter queue confirms it;
+        # it requires reject-publish overflow.
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    if settings.queue_max_length:
+        arguments["x-max-length"] = settings.queue_max_length
+    if settings.queue_max_bytes:
+        arguments["x-max-length-bytes"] = settings.queue_max_bytes
+    return arguments
+
+
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
+    """Declare (idempotently) the exchanges, queues and bindings; both services call this."""
+    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead_exchange = await channel.declare_exchange(
+        DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_queue = await channel.declare_queue(
+        DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead_exchange, routing_key="")
+    queue = await channel.declare_queue(QUEUE, durable=True, arguments=queue_arguments(settings))
+    await queue.bind(exchange, routing_key="customers.*")
+    return Topology(exchange, queue, dead_exchange, dead_queue)

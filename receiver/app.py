@@ -1,0 +1,280 @@
+"""The HTTP receiver: check the token and the envelope, publish the raw body, answer 200.
+
+Upgates waits 1 second and may count a timed-out call as delivered, so nothing here waits on
+anything slower than the broker's confirm, and that wait has a deadline (PUBLISH_TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aio_pika.abc import HeadersType
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from common import schema
+from common.metrics import LATENCY_BUCKETS, metrics_response
+from common.settings import Settings
+from common.topology import ROUTING_KEYS
+from receiver.publisher import NotStored, Publisher
+
+log = logging.getLogger(__name__)
+
+
+class ReceiverMetrics:
+    """What the receiver counts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "upgates_receiver_requests",
+            "Webhook requests answered, by event and HTTP status.",
+            ["event", "status"],
+            registry=self.registry,
+        )
+        self.publish_seconds = Histogram(
+            "upgates_receiver_publish_seconds",
+            "Time from publish to the broker's confirm (or failure).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "upgates_receiver_request_seconds",
+            "Time to answer a webhook, by event.",
+            ["event"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.records = Counter(
+            "upgates_receiver_records",
+            "Customer records accepted (answered 200), by event.",
+            ["event"],
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "upgates_receiver_received_bytes",
+            "Body bytes of accepted webhooks.",
+            registry=self.registry,
+        )
+
+
+SETTINGS = web.AppKey("settings", Settings)
+PUBLISHER = web.AppKey("publisher", Publisher)
+METRICS = web.AppKey("metrics", ReceiverMetrics)
+IN_FLIGHT = web.AppKey("in_flight", list[int])  # one mutable counter
+
+
+def error(
+    status: int, message: str, detail: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON error body; `detail` comes from our own checks or msgspec, never from the payload."""
+    body: dict[str, Any] = {"error": message}
+    if detail:
+        body["detail"] = detail
+    return web.json_response(body, status=status, headers=headers)
+
+
+def token_of(request: web.Request) -> str | None:
+    """The token from `?token=` or from the password of HTTP Basic auth."""
+    token = request.query.get("token")
+    if token is not None:
+        return token
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, _, password = decoded.partition(":")
+    return password
+
+
+def authorized(settings: Settings, token: str | None) -> bool:
+    """Constant-time comparison against every configured token (several during a rotation)."""
+    if not settings.webhook_tokens:
+        return settings.allow_no_token
+    given = (token or "").encode()
+    matches = [hmac.compare_digest(given, t.encode()) for t in settings.webhook_tokens]
+    return token is not None and any(matches)
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    """POST /webhooks/customers/{event}: the whole hot path, from request to confirmed publish."""
+    started = time.perf_counter()
+    event = request.match_info["event"]
+    if event not in schema.EVENTS:
+        return error(404, "unknown event", f"use one of: {', '.join(schema.EVENTS)}")
+    app = request.app
+    metrics = app[METRICS]
+    response, project, records = await _handle(request, event)
+    took = time.perf_counter() - started
+    metrics.requests.labels(event, str(response.status)).inc()
+    metrics.request_seconds.labels(event).observe(took)
+    log.info(
+        "webhook",
+        extra={
+            "event": event,
+            "shop": project,
+            "records": records,
+            "status": response.status,
+            "took_ms": round(took * 1000, 1),
+            "request_id": response.headers.get("X-Request-Id"),
+        },
+    )
+    return response
+
+
+async def _handle(request: web.Request, event: str) -> tuple[web.Response, str | None, int]:
+    app = request.app
+    settings = app[SETTINGS]
+    if not authorized(settings, token_of(request)):
+        return (
+            error(
+                401,
+                "missing or wrong token",
+                headers={"WWW-Authenticate": 'Basic realm="upgates-ingest"'},
+            ),
+            None,
+            0,
+        )
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        return error(413, "body too large", f"limit is {settings.max_body_bytes} bytes"), None, 0
+
+    in_flight = app[IN_FLIGHT]
+    if in_flight[0] >= settings.max_in_flight:
+        # Queueing past the sender's timeout would turn into silent loss; a 503 is retried.
+        return _unavailable(settings, "too many requests at once"), None, 0
+    in_flight[0] += 1
+    try:
+        return await _read_and_publish(request, settings, event)
+    finally:
+        in_flight[0] -= 1
+
+
+async def _read_and_publish(
+    request: web.Request, settings: Settings, event: str
+) -> tuple[web.Response, str | None, int]:
+    try:
+        body = await asyncio.wait_for(request.read(), settings.body_read_timeout)
+    except TimeoutError:
+        return error(408, "body not received in time"), None, 0
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "body too large", f"limit is {settings.max_body_bytes} bytes"), None, 0
+
+    try:
+        envelope = schema.envelope_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        return error(422, "not an Upgates customers envelope", str(exc)), None, 0
+    except msgspec.DecodeError as exc:
+        return error(400, "malformed JSON", str(exc)), None, 0
+    project = envelope.project_name
+    if "\x00" in project or not _encodable(project):
+        return error(422, "project_name cannot be stored", "NUL byte or invalid text"), None, 0
+
+    records = len(envelope.customers)
+    if records == 0:
+        return web.json_response({"accepted": 0}), project, 0
+
+    request_id = uuid.uuid4().hex
+    headers: HeadersType = {
+        schema.H_EVENT: event,
+        schema.H_PROJECT: project,
+        schema.H_RECORDS: records,
+        schema.H_RECEIVED_AT: time.time(),
+        schema.H_REQUEST_ID: request_id,
+    }
+    metrics = request.app[METRICS]
+    publish_started = time.perf_counter()
+    try:
+        await request.app[PUBLISHER].publish(body, ROUTING_KEYS[event], headers, request_id)
+    except NotStored as exc:
+        return _unavailable(settings, str(exc)), project, records
+    finally:
+        metrics.publish_seconds.observe(time.perf_counter() - publish_started)
+    metrics.records.labels(event).inc(records)
+    metrics.bytes.inc(len(body))
+    return (
+        web.json_response(
+            {"accepted": records, "request_id": request_id},
+            headers={"X-Request-Id": request_id},
+        ),
+        project,
+        records,
+    )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
+        return False
+    return True
+
+
+def _unavailable(settings: Settings, why: str) -> web.Response:
+    return error(
+        503, "not stored, retry later", why, {"Retry-After": str(settings.retry_after_seconds)}
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive while the process runs."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready only while a publish could be confirmed."""
+    if request.app[PUBLISHER].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready", "reason": "no broker connection"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text."""
+    return metrics_response(request.app[METRICS].registry)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own errors (unknown path, wrong method) as JSON like ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+
+
+async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    publisher = app[PUBLISHER]
+    await publisher.start()
+    yield
+    await publisher.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The receiver application; the publisher connects in the background once it starts."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[PUBLISHER] = Publisher(settings)
+    app[METRICS] = ReceiverMetrics()
+    app[IN_FLIGHT] = [0]
+    app.cleanup_ctx.append(_publisher_ctx)
+    app.router.add_post("/webhooks/customers/{event}", receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,190 @@
+"""Decode a webhook body into events, and fold events into one row per customer.
+
+Pure logic, no I/O. The fold is the time-ordered replay of the events, computed as a join:
+every column is a function of the *set* of events seen, so any order and any number of repeats
+give the same row. `store.UPSERT` applies the same join between a folded row and the table.
+
+- The row's data (email, code, deleted_at) comes from the newest event by
+  (time, rank, email, code): rank orders equal times as create < update < delete, and the
+  email/code tiebreak (code-point order, COLLATE "C" in SQL) only settles two different events
+  with the same second, which Upgates' timestamps allow.
+- A delete erases the email and leaves a tombstone (deleted_at); an older event never undoes it.
+- active_yn/blocked_yn come from the newest event that carries them (creates do; updates may).
+- created_at is the newest creation_time seen, updated_at the newest last_update_time seen:
+  in the time-ordered replay every create and update is applied, whatever lost afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from common import schema
+
+PRAGUE = ZoneInfo("Europe/Prague")
+RANK = {"create": 0, "update": 1, "delete": 2}
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record that cannot be applied; it goes to rejected_records with the reason."""
+
+    event: str
+    reason: str
+    record: str
+    position: int  # index in the payload: with the request id, makes a redelivery harmless
+
+
+@dataclass(slots=True)
+class Row:
+    """The folded state of one customer: the table's columns plus the versions that order them."""
+
+    project_name: str
+    customer_id: int
+    email: str | None
+    code: str | None
+    deleted_at: datetime | None
+    version_at: datetime
+    version_rank: int
+    active_yn: bool | None
+    blocked_yn: bool | None
+    status_at: datetime | None
+    status_rank: int | None
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    def version(self) -> tuple[datetime, int, str, str]:
+        """What decides which event's data the row shows."""
+        return (self.version_at, self.version_rank, self.email or "", self.code or "")
+
+    def status_version(self) -> tuple[datetime, int, int, int]:
+        """What decides which event's active_yn/blocked_yn the row shows (status_at set)."""
+        assert self.status_at is not None
+        assert self.status_rank is not None
+        return (self.status_at, self.status_rank, _tri(self.active_yn), _tri(self.blocked_yn))
+
+    def merge(self, other: Row) -> None:
+        """Join another state of the same customer into this one (commutative, idempotent)."""
+        if other.version() > self.version():
+            self.email, self.code, self.deleted_at = other.email, other.code, other.deleted_at
+            self.version_at, self.version_rank = other.version_at, other.version_rank
+        if other.status_at is not None and (
+            self.status_at is None or other.status_version() > self.status_version()
+        ):
+            self.active_yn, self.blocked_yn = other.active_yn, other.blocked_yn
+            self.status_at, self.status_rank = other.status_at, other.status_rank
+        self.created_at = _newest(self.created_at, other.created_at)
+        self.updated_at = _newest(self.updated_at, other.updated_at)
+
+
+def _tri(value: bool | None) -> int:
+    return -1 if value is None else int(value)
+
+
+def _newest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 with `+01:00`, `+0100` or `Z`; without an offset, Europe/Prague local time."""
+    parsed = datetime.fromisoformat(text.strip())
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=PRAGUE)
+    return parsed.astimezone(UTC)
+
+
+def _storable(text: str | None) -> bool:
+    if text is None or text.isascii():
+        return "\x00" not in (text or "")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
+        return False
+    return "\x00" not in text
+
+
+def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Row | Rejected:
+    """One raw record of a payload as a row, or the reason it cannot be used."""
+    try:
+        record = schema.record_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return Rejected(event, f"invalid record: {exc}", _as_text(raw), position)
+    field = schema.TIME_FIELD[event]
+    text = getattr(record, field)
+    code = str(record.code) if isinstance(record.code, int) else record.code
+    reason = None
+    if not BIGINT_MIN <= record.customer_id <= BIGINT_MAX:
+        reason = "customer_id is outside the bigint range"
+    elif text is None:
+        reason = f"missing {field}"
+    elif not _storable(record.email) or not _storable(code):
+        reason = "email or code holds text Postgres cannot store (NUL byte or invalid text)"
+    else:
+        try:
+            at = parse_time(text)
+        except ValueError:
+            reason = f"unparseable {field}"
+    if reason is not None:
+        return Rejected(event, reason, _as_text(raw), position)
+
+    rank = RANK[event]
+    carries_status = record.active_yn is not None or record.blocked_yn is not None
+    return Row(
+        project_name=project,
+        customer_id=record.customer_id,
+        email=None if event == "delete" else record.email,  # a delete erases personal data
+        code=code,
+        deleted_at=at if event == "delete" else None,
+        version_at=at,
+        version_rank=rank,
+        active_yn=record.active_yn,
+        blocked_yn=record.blocked_yn,
+        status_at=at if carries_status else None,
+        status_rank=rank if carries_status else None,
+        created_at=at if event == "create" else None,
+        updated_at=at if event == "update" else None,
+    )
+
+
+def _as_text(raw: bytes) -> str:
+    # Kept for the operator as sent; NUL cannot be stored in a text column.
+    return bytes(raw).decode("utf-8", "replace").replace("\x00", "\\u0000")
+
+
+def decode_payload(event: str, body: bytes) -> tuple[str, list[Row], list[Rejected]]:
+    """A webhook body as (project_name, usable rows, rejected records).
+
+    Raises msgspec.DecodeError/ValidationError when the body is not an envelope at all: such a
+    message did not come through the receiver, and is dead-lettered as a whole.
+    """
+    envelope = schema.envelope_decoder.decode(body)
+    rows: list[Row] = []
+    rejected: list[Rejected] = []
+    for position, raw in enumerate(envelope.customers):
+        result = record_to_row(envelope.project_name, event, raw, position)
+        if isinstance(result, Row):
+            rows.append(result)
+        else:
+            rejected.append(result)
+    return envelope.project_name, rows, rejected
+
+
+def fold(rows: list[Row]) -> list[Row]:
+    """One row per (project_name, customer_id), in key order (the order the batch is written in)."""
+    folded: dict[tuple[str, int], Row] = {}
+    for row in rows:
+        key = (row.project_name, row.customer_id)
+        current = folded.get(key)
+        if current is None:
+            folded[key] = replace(row)  # a copy: merging must not change the caller's row
+        else:
+            current.merge(row)
+    return [folded[key] for key in sorted(folded)]

@@ -1,0 +1,423 @@
+"""The worker: consume, batch across messages, decode and fold, commit, then ack.
+
+A message is acknowledged only after the transaction that holds its records has committed: the
+ack is what lets RabbitMQ forget it. Until then a crash, a lost connection or a Postgres outage
+only means RabbitMQ delivers it again, and the fold makes the repeat harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import asyncpg
+import msgspec
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common import schema
+from common.metrics import LATENCY_BUCKETS
+from common.settings import Settings
+from common.topology import Topology, amqp_url_with_heartbeat, declare_topology
+from worker.fold import Row, decode_payload, fold
+from worker.store import RejectedFrom, ensure_database, is_transient, migrate, write_batch
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionLost(Exception):
+    """The broker connection closed: the messages in hand will be delivered again."""
+
+
+class Abandoned(Exception):
+    """Shutting down and the batch could not be committed within the grace period."""
+
+
+class WorkerMetrics:
+    """What a worker counts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.records = Counter(
+            "upgates_worker_records",
+            "Customer records decoded, by event and outcome (accepted or rejected).",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.rows = Counter(
+            "upgates_worker_rows",
+            "Folded rows written, by outcome: changed the table, or stale (an older event).",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_messages = Histogram(
+            "upgates_worker_batch_messages",
+            "Messages per committed batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "upgates_worker_batch_seconds",
+            "Time to decode, fold and commit a batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag_seconds = Histogram(
+            "upgates_worker_lag_seconds",
+            "From the receiver accepting the oldest message of a batch to its COMMIT.",
+            buckets=(*LATENCY_BUCKETS, 5, 10, 30, 60, 300, 1800),
+            registry=r,
+        )
+        self.retries = Counter(
+            "upgates_worker_retries", "Batch writes retried after a transient error.", registry=r
+        )
+        self.dead_letters = Counter(
+            "upgates_worker_dead_letters",
+            "Messages the worker dead-lettered itself (undecodable or failing alone).",
+            registry=r,
+        )
+        self.consuming = Gauge(
+            "upgates_worker_consuming", "1 while the worker consumes from the queue.", registry=r
+        )
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A message's records, ready to fold."""
+
+    message: AbstractIncomingMessage
+    event: str
+    project: str
+    rows: list[Row]
+    rejected: list[RejectedFrom]
+    received_at: float
+    request_id: str
+
+
+def decode_message(message: AbstractIncomingMessage) -> Decoded:
+    """Decode one message; raise ValueError with a reason when it can never be applied."""
+    headers = message.headers or {}
+    event = headers.get(schema.H_EVENT)
+    if event not in schema.EVENTS:
+        raise ValueError(f"unknown event header {schema.H_EVENT}={event!r}")
+    try:
+        project, rows, rejected = decode_payload(str(event), message.body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"not an Upgates customers envelope: {exc}") from None
+    received_at = headers.get(schema.H_RECEIVED_AT)
+    received = float(received_at) if isinstance(received_at, int | float) else time.time()
+    request_id = str(headers.get(schema.H_REQUEST_ID) or message.message_id or "")
+    if not request_id:  # not from our receiver; the body identifies it for deduplication
+        request_id = hashlib.sha256(message.body).hexdigest()
+    at = datetime.fromtimestamp(received, UTC)
+    return Decoded(
+        message,
+        str(event),
+        project,
+        rows,
+        [RejectedFrom(project, at, request_id, r) for r in rejected],
+        received,
+        request_id,
+    )
+
+
+@dataclass
+class Worker:
+    """One worker process: `run()` until `stop()`."""
+
+    settings: Settings
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    pool: asyncpg.Pool | None = None
+    consuming: bool = False
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop_deadline: float = 0.0
+
+    def stop(self) -> None:
+        """Stop taking messages; the batch in hand is committed and acked, then run() returns."""
+        if not self._stopping.is_set():
+            log.info("stopping: finishing the batch in hand")
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
+            self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect to Postgres (migrating the schema) and RabbitMQ, consume until stopped."""
+        try:
+            await self._open_database()
+            backoff = 0.1
+            while not self._stopping.is_set():
+                try:
+                    await self._consume()
+                    backoff = 0.1
+                except (ConnectionLost, aiormq.exceptions.AMQPError, OSError) as exc:
+                    log.warning("broker connection lost: %s; reconnecting", type(exc).__name__)
+                except Abandoned:
+                    log.warning("shutdown grace over: the batch in hand will be redelivered")
+                    break
+                if not self._stopping.is_set():
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            if self.pool is not None:
+                await self.pool.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _open_database(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                await ensure_database(self.settings.database_url)
+                conn = await asyncpg.connect(self.settings.database_url, timeout=10)
+                try:
+                    applied = await migrate(conn)
+                finally:
+                    await conn.close()
+                if applied:
+                    log.info("schema migrated", extra={"applied": applied})
+                self.pool = await asyncpg.create_pool(
+                    self.settings.database_url,
+                    min_size=1,
+                    max_size=self.settings.db_pool_size,
+                    timeout=10,
+                    # A hung statement (dead link, not a closed one) becomes a retryable timeout.
+                    command_timeout=60,
+                )
+                return
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                log.warning("cannot reach Postgres: %s; retrying", type(exc).__name__)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _consume(self) -> None:
+        url = amqp_url_with_heartbeat(self.settings.amqp_url)
+        connection = await aio_pika.connect(url, timeout=5)
+        try:
+            # Confirms on this channel are for the dead-letter copies the worker publishes.
+            channel = await connection.channel(publisher_confirms=True)
+            # Bounds what RabbitMQ pushes ahead of our acks, so memory follows the prefetch,
+            # not the backlog; it must hold a whole batch (batch acks are one frame).
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            topology = await declare_topology(channel, self.settings)
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            consumer_tag = await topology.queue.consume(inbox.put)
+            self._set_consuming(True)
+            log.info("consuming", extra={"queue": topology.queue.name})
+            closed: asyncio.Future[Any] = asyncio.ensure_future(connection.closed())
+            try:
+                while not self._stopping.is_set():
+                    batch = await self._collect(inbox, closed)
+                    if batch:
+                        await self._process(batch, topology, channel)
+                # No new deliveries; what RabbitMQ already sent is finished, not bounced back.
+                await topology.queue.cancel(consumer_tag)
+                while not inbox.empty():
+                    await self._process(self._take(inbox), topology, channel)
+            finally:
+                closed.cancel()
+                self._set_consuming(False)
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _set_consuming(self, value: bool) -> None:
+        self.consuming = value
+        self.metrics.consuming.set(int(value))
+
+    def _take(self, inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
+        """What is already waiting, up to the batch size."""
+        batch: list[AbstractIncomingMessage] = []
+        records = 0
+        while records < self.settings.batch_max_records and not inbox.empty():
+            message = inbox.get_nowait()
+            batch.append(message)
+            records += _record_count(message)
+        return batch
+
+    async def _collect(
+        self, inbox: asyncio.Queue[AbstractIncomingMessage], closed: asyncio.Future[Any]
+    ) -> list[AbstractIncomingMessage]:
+        """Wait for a first message, then gather more for at most batch_max_wait."""
+        if inbox.empty():
+            getter = asyncio.ensure_future(inbox.get())
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            waiters: list[asyncio.Future[Any]] = [getter, stopping, closed]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not getter.done():
+                getter.cancel()
+                if closed.done():
+                    raise ConnectionLost
+                return []
+            inbox.put_nowait(getter.result())  # keep delivery order: put back, take below
+            # (the queue is empty apart from it, so it is first again)
+        batch = self._take(inbox)
+        records = sum(_record_count(m) for m in batch)
+        deadline = time.monotonic() + self.settings.batch_max_wait
+        while records < self.settings.batch_max_records and not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(inbox.get(), remaining)
+            except TimeoutError:
+                break
+            batch.append(message)
+            records += _record_count(message)
+        return batch
+
+    async def _process(
+        self, batch: list[AbstractIncomingMessage], topology: Topology, channel: AbstractChannel
+    ) -> None:
+        started = time.perf_counter()
+        decoded: list[Decoded] = []
+        for message in batch:
+            try:
+                decoded.append(decode_message(message))
+            except ValueError as exc:
+                await self._dead_letter(message, str(exc), topology)
+        if not decoded:
+            return
+        try:
+            changed, rows = await self._commit(decoded, channel)
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, ConnectionLost | Abandoned):
+                raise
+            # Something in the batch fails every time: find it by writing each message alone.
+            log.warning("batch failed (%s); writing its messages one by one", type(exc).__name__)
+            for item in decoded:
+                await self._process_alone(item, topology, channel)
+            return
+        # Acking the newest message with multiple=True acks the whole batch in one frame: every
+        # older unacked delivery on this channel is in this batch (batches run one at a time).
+        await _ack(decoded[-1].message, multiple=True)
+        self._record(decoded, changed, rows, time.perf_counter() - started)
+
+    async def _process_alone(
+        self, item: Decoded, topology: Topology, channel: AbstractChannel
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            changed, rows = await self._commit([item], channel)
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, ConnectionLost | Abandoned):
+                raise
+            sqlstate = getattr(exc, "sqlstate", None) or ""
+            reason = f"write failed: {type(exc).__name__} {sqlstate}".strip()
+            await self._dead_letter(item.message, reason, topology)
+            return
+        await _ack(item.message, multiple=False)
+        self._record([item], changed, rows, time.perf_counter() - started)
+
+    async def _commit(self, decoded: list[Decoded], channel: AbstractChannel) -> tuple[int, int]:
+        """Fold and write the batch, retrying transient failures with backoff; (changed, rows)."""
+        rows = fold([row for item in decoded for row in item.rows])
+        rejected = [r for item in decoded for r in item.rejected]
+        assert self.pool is not None
+        delay = 0.1
+        while True:
+            try:
+                return await write_batch(self.pool, rows, rejected), len(rows)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.metrics.retries.inc()
+                log.warning(
+                    "batch write failed, retrying",
+                    extra={
+                        "error": type(exc).__name__,
+                        "sqlstate": getattr(exc, "sqlstate", None),
+                        "retry_in": delay,
+                    },
+                )
+            if channel.is_closed:
+                # RabbitMQ will deliver these again (to us after reconnecting, or to another
+                # worker); retrying here would only write them twice.
+                raise ConnectionLost
+            if self._stopping.is_set() and time.monotonic() + delay > self._stop_deadline:
+                raise Abandoned
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.retry_max_backoff)
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, reason: str, topology: Topology
+    ) -> None:
+        """Park a message that can never be applied in the dead-letter queue, with the reason."""
+        headers = dict(message.headers or {})
+        headers[schema.H_ERROR] = reason[:1000]
+        headers["x-original-routing-key"] = message.routing_key or ""
+        # Publish the copy (confirmed) before acking the original: a crash in between leaves a
+        # duplicate in the dead-letter queue, never a loss.
+        await topology.dead_exchange.publish(
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type=message.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+                timestamp=message.timestamp,
+            ),
+            routing_key="",
+        )
+        await _ack(message, multiple=False)
+        self.metrics.dead_letters.inc()
+        log.error(
+            "message dead-lettered",
+            extra={
+                "reason": reason[:200],
+                "shop": (message.headers or {}).get(schema.H_PROJECT),
+                "request_id": (message.headers or {}).get(schema.H_REQUEST_ID),
+            },
+        )
+
+    def _record(self, decoded: list[Decoded], changed: int, rows: int, took: float) -> None:
+        metrics = self.metrics
+        records = rejected = 0
+        for item in decoded:
+            metrics.records.labels(item.event, "accepted").inc(len(item.rows))
+            metrics.records.labels(item.event, "rejected").inc(len(item.rejected))
+            records += len(item.rows) + len(item.rejected)
+            rejected += len(item.rejected)
+        metrics.rows.labels("changed").inc(changed)
+        metrics.rows.labels("stale").inc(rows - changed)
+        metrics.batch_messages.observe(len(decoded))
+        metrics.batch_seconds.observe(took)
+        lag = time.time() - min(item.received_at for item in decoded)
+        metrics.lag_seconds.observe(lag)
+        log.info(
+            "batch committed",
+            extra={
+                "messages": len(decoded),
+                "records": records,
+                "rows": rows,
+                "changed": changed,
+                "rejected": rejected,
+                "shops": sorted({item.project for item in decoded})[:10],
+                "request_ids": [item.request_id for item in decoded][:20],
+                "took_ms": round(took * 1000, 1),
+                "lag_ms": round(lag * 1000, 1),
+            },
+        )
+
+
+def _record_count(message: AbstractIncomingMessage) -> int:
+    count = (message.headers or {}).get(schema.H_RECORDS)
+    return count if isinstance(count, int) and count > 0 else 1
+
+
+async def _ack(message: AbstractIncomingMessage, *, multiple: bool) -> None:
+    try:
+        await message.ack(multiple=multiple)
+    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        # Committed but not acked: RabbitMQ redelivers, and the fold makes that a no-op.
+        raise ConnectionLost from exc

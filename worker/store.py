@@ -1,0 +1,193 @@
+"""Postgres: the schema migrations and the one transaction that writes a batch.
+
+The event-time rules live in UPSERT's `DO UPDATE ... WHERE`, so the database, not a worker's
+memory, decides what is newer; several workers can write the same customers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from worker.fold import Rejected, Row
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key for migrations: any constant shared by all workers.
+MIGRATION_LOCK = 0x75706761746573  # "upgates"
+
+# An event's data wins when its (time, rank, email, code) is greater; COLLATE "C" compares code
+# points like Python does in fold.Row.version().
+_NEWER = """(EXCLUDED.version_at, EXCLUDED.version_rank,
+      COALESCE(EXCLUDED.email, '') COLLATE "C", COALESCE(EXCLUDED.code, '') COLLATE "C")
+    > (c.version_at, c.version_rank,
+      COALESCE(c.email, '') COLLATE "C", COALESCE(c.code, '') COLLATE "C")"""
+_STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
+      (EXCLUDED.status_at, EXCLUDED.status_rank,
+       COALESCE(EXCLUDED.active_yn::int, -1), COALESCE(EXCLUDED.blocked_yn::int, -1))
+    > (c.status_at, c.status_rank,
+       COALESCE(c.active_yn::int, -1), COALESCE(c.blocked_yn::int, -1))))"""
+
+# Built from the constant fragments above only; the data travels as parameters.
+UPSERT = f"""
+INSERT INTO customers AS c (
+    project_name, customer_id, email, code, deleted_at, version_at, version_rank,
+    active_yn, blocked_yn, status_at, status_rank, created_at, updated_at)
+SELECT * FROM unnest(
+    $1::text[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+    $7::smallint[], $8::boolean[], $9::boolean[], $10::timestamptz[], $11::smallint[],
+    $12::timestamptz[], $13::timestamptz[])
+ON CONFLICT (project_name, customer_id) DO UPDATE SET
+    email        = CASE WHEN {_NEWER} THEN EXCLUDED.email ELSE c.email END,
+    code         = CASE WHEN {_NEWER} THEN EXCLUDED.code ELSE c.code END,
+    deleted_at   = CASE WHEN {_NEWER} THEN EXCLUDED.deleted_at ELSE c.deleted_at END,
+    version_at   = CASE WHEN {_NEWER} THEN EXCLUDED.version_at ELSE c.version_at END,
+    version_rank = CASE WHEN {_NEWER} THEN EXCLUDED.version_rank ELSE c.version_rank END,
+    active_yn    = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.active_yn ELSE c.active_yn END,
+    blocked_yn   = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.blocked_yn ELSE c.blocked_yn END,
+    status_at    = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.status_at ELSE c.status_at END,
+    status_rank  = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.status_rank ELSE c.status_rank END,
+    created_at   = GREATEST(c.created_at, EXCLUDED.created_at),  -- GREATEST skips NULLs
+    updated_at   = GREATEST(c.updated_at, EXCLUDED.updated_at),
+    ingested_at  = now()
+WHERE {_NEWER} OR {_STATUS_NEWER}
+   OR EXCLUDED.created_at > c.created_at
+   OR (c.created_at IS NULL AND EXCLUDED.created_at IS NOT NULL)
+   OR EXCLUDED.updated_at > c.updated_at
+   OR (c.updated_at IS NULL AND EXCLUDED.updated_at IS NOT NULL)
+"""  # noqa: S608
+
+INSERT_REJECTED = """
+INSERT INTO rejected_records (
+    project_name, event, reason, record, received_at, request_id, position)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::int[])
+ON CONFLICT (request_id, position) DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedFrom:
+    """A rejected record with the message it came in."""
+
+    project_name: str
+    received_at: datetime
+    request_id: str
+    rejected: Rejected
+
+
+# SQLSTATEs that mean "try again later", never "this message is bad": connection loss (08),
+# deadlock and serialization failures, the server shutting down or starting, resources exhausted.
+_TRANSIENT_STATES = {"40P01", "40001", "57P01", "57P02", "57P03", "55P03", "25006"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same batch later can succeed."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower():
+        return True  # "the connection is closed", "connection was closed in the middle of ..."
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return state in _TRANSIENT_STATES or state[:2] in {"08", "53", "58"}
+    return False
+
+
+async def write_batch(pool: asyncpg.Pool, rows: list[Row], rejected: list[RejectedFrom]) -> int:
+    """Write folded rows and rejected records in one transaction; return the rows changed.
+
+    `rows` must be folded (one per key) and in key order: writing keys in one global order keeps
+    concurrent workers from deadlocking (and a deadlock that still happens is retried).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        changed = 0
+        if rows:
+            status = await conn.execute(
+                UPSERT,
+                [r.project_name for r in rows],
+                [r.customer_id for r in rows],
+                [r.email for r in rows],
+                [r.code for r in rows],
+                [r.deleted_at for r in rows],
+                [r.version_at for r in rows],
+                [r.version_rank for r in rows],
+                [r.active_yn for r in rows],
+                [r.blocked_yn for r in rows],
+                [r.status_at for r in rows],
+                [r.status_rank for r in rows],
+                [r.created_at for r in rows],
+                [r.updated_at for r in rows],
+            )
+            changed = int(status.rsplit(" ", 1)[-1])
+        if rejected:
+            await conn.execute(
+                INSERT_REJECTED,
+                [r.project_name for r in rejected],
+                [r.rejected.event for r in rejected],
+                [r.rejected.reason for r in rejected],
+                [r.rejected.record for r in rejected],
+                [r.received_at for r in rejected],
+                [r.request_id for r in rejected],
+                [r.rejected.position for r in rejected],
+            )
+    return changed
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("worker") / "migrations"
+    found = []
+    for item in folder.iterdir():
+        if item.name.endswith(".sql"):
+            found.append((int(item.name.split("_", 1)[0]), item.name, item.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply the migrations not yet applied; safe when several workers start together."""
+    applied_now = []
+    async with conn.transaction():
+        # Serializes concurrent starters; released at COMMIT. The losers then see the versions
+        # the winner applied and skip them.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in _migrations():
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+            )
+            applied_now.append(name)
+    return applied_now
+
+
+async def ensure_database(dsn: str) -> None:
+    """Create the database named in the DSN when it does not exist yet (and the role may)."""
+    try:
+        conn = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return
+    parts = urlsplit(dsn)
+    name = parts.path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        quoted = '"' + name.replace('"', '""') + '"'
+        await admin.execute(f"CREATE DATABASE {quoted}")
+        log.info("created the database", extra={"database": name})
+    except asyncpg.DuplicateDatabaseError:
+        pass  # another worker created it first
+    finally:
+        await admin.close()
