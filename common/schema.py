@@ -23,7 +23,7 @@ TIME_FIELD = {
 H_EVENT = "x-event"
 H_PROJECT = "x-project-name"
 H_RECORDS = "x-record-count"
-H_RECEIVED_AT = "x-received-at"  # float seconds since the epoch
+H_RECEIVED_AT = "x-received-at"  # milliseconds since the epoch (AMQP floats are 32-bit)
 H_REQUEST_ID = "x-request-id"
 H_ERROR = "x-error"  # set on messages the worker dead-letters itself
 

@@ -191,7 +191,7 @@ async def _read_and_publish(
         schema.H_EVENT: event,
         schema.H_PROJECT: project,
         schema.H_RECORDS: records,
-        schema.H_RECEIVED_AT: time.time(),
+        schema.H_RECEIVED_AT: int(time.time() * 1000),
         schema.H_REQUEST_ID: request_id,
     }
     metrics = request.app[METRICS]

@@ -114,7 +114,7 @@ def decode_message(message: AbstractIncomingMessage) -> Decoded:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValueError(f"not an Upgates customers envelope: {exc}") from None
     received_at = headers.get(schema.H_RECEIVED_AT)
-    received = float(received_at) if isinstance(received_at, int | float) else time.time()
+    received = received_at / 1000 if isinstance(received_at, int) else time.time()
     request_id = str(headers.get(schema.H_REQUEST_ID) or message.message_id or "")
     if not request_id:  # not from our receiver; the body identifies it for deduplication
         request_id = hashlib.sha256(message.body).hexdigest()
