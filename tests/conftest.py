@@ -89,7 +89,9 @@ def free_port() -> int:
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.05
+    check: Callable[[], Awaitable[Any]],
+    timeout: float = 20.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+    interval: float = 0.05,
 ) -> Any:
     """Poll `check` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -197,14 +199,14 @@ def spawn(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., subproce
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(module: str, **extra: str) -> subprocess.Popen[bytes]:
-        log = (tmp_path / f"{module}-{len(procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env_for(settings, **extra),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+        with (tmp_path / f"{module}-{len(procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=env_for(settings, **extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         procs.append(proc)
         return proc
 
@@ -213,3 +215,20 @@ def spawn(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., subproce
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+async def connect_migrated(settings: Settings) -> asyncpg.Connection | None:
+    """A connection to the test database once a worker has created the schema, else None."""
+    try:
+        conn = await asyncpg.connect(settings.database_url)
+    except (OSError, asyncpg.PostgresError):
+        return None
+    if await conn.fetchval("SELECT to_regclass('customers') IS NOT NULL"):
+        return conn
+    await conn.close()
+    return None
+
+
+async def count_at_least(db: asyncpg.Connection, n: int) -> bool:
+    """Whether the customers table has at least n rows."""
+    return bool(await db.fetchval("SELECT count(*) FROM customers") >= n)

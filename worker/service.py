@@ -206,7 +206,8 @@ class Worker:
             # Confirms on this channel are for the dead-letter copies the worker publishes.
             channel = await connection.channel(publisher_confirms=True)
             # Bounds what RabbitMQ pushes ahead of our acks, so memory follows the prefetch,
-            # not the backlog; it must hold a whole batch (batch acks are one frame).
+            # not the backlog. It should hold more than one batch, so the next one arrives while
+            # this one commits.
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             topology = await declare_topology(channel, self.settings)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -222,7 +223,7 @@ class Worker:
                 # No new deliveries; what RabbitMQ already sent is finished, not bounced back.
                 await topology.queue.cancel(consumer_tag)
                 while not inbox.empty():
-                    await self._process(self._take(inbox), topology, channel)
+                    await self._process(self._take(inbox, []), topology, channel)
             finally:
                 closed.cancel()
                 self._set_consuming(False)
@@ -234,10 +235,11 @@ class Worker:
         self.consuming = value
         self.metrics.consuming.set(int(value))
 
-    def _take(self, inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
-        """What is already waiting, up to the batch size."""
-        batch: list[AbstractIncomingMessage] = []
-        records = 0
+    def _take(
+        self, inbox: asyncio.Queue[AbstractIncomingMessage], batch: list[AbstractIncomingMessage]
+    ) -> list[AbstractIncomingMessage]:
+        """Add what is already waiting to the batch, in delivery order, up to the batch size."""
+        records = sum(_record_count(m) for m in batch)
         while records < self.settings.batch_max_records and not inbox.empty():
             message = inbox.get_nowait()
             batch.append(message)
@@ -247,7 +249,11 @@ class Worker:
     async def _collect(
         self, inbox: asyncio.Queue[AbstractIncomingMessage], closed: asyncio.Future[Any]
     ) -> list[AbstractIncomingMessage]:
-        """Wait for a first message, then gather more for at most batch_max_wait."""
+        """Wait for a first message, then gather more for at most batch_max_wait.
+
+        The batch keeps delivery order, so the log and the ack order follow the queue.
+        """
+        batch: list[AbstractIncomingMessage] = []
         if inbox.empty():
             getter = asyncio.ensure_future(inbox.get())
             stopping = asyncio.ensure_future(self._stopping.wait())
@@ -259,9 +265,8 @@ class Worker:
                 if closed.done():
                     raise ConnectionLost
                 return []
-            inbox.put_nowait(getter.result())  # keep delivery order: put back, take below
-            # (the queue is empty apart from it, so it is first again)
-        batch = self._take(inbox)
+            batch.append(getter.result())
+        self._take(inbox, batch)
         records = sum(_record_count(m) for m in batch)
         deadline = time.monotonic() + self.settings.batch_max_wait
         while records < self.settings.batch_max_records and not self._stopping.is_set():
@@ -298,9 +303,10 @@ class Worker:
             for item in decoded:
                 await self._process_alone(item, topology, channel)
             return
-        # Acking the newest message with multiple=True acks the whole batch in one frame: every
-        # older unacked delivery on this channel is in this batch (batches run one at a time).
-        await _ack(decoded[-1].message, multiple=True)
+        # One ack per message, not one multiple=True ack: that would also ack any delivery a bug
+        # left out of the batch, and an ack is only a frame written, not a round trip.
+        for item in decoded:
+            await _ack(item.message)
         self._record(decoded, changed, rows, time.perf_counter() - started)
 
     async def _process_alone(
@@ -316,7 +322,7 @@ class Worker:
             reason = f"write failed: {type(exc).__name__} {sqlstate}".strip()
             await self._dead_letter(item.message, reason, topology)
             return
-        await _ack(item.message, multiple=False)
+        await _ack(item.message)
         self._record([item], changed, rows, time.perf_counter() - started)
 
     async def _commit(self, decoded: list[Decoded], channel: AbstractChannel) -> tuple[int, int]:
@@ -369,7 +375,7 @@ class Worker:
             ),
             routing_key="",
         )
-        await _ack(message, multiple=False)
+        await _ack(message)
         self.metrics.dead_letters.inc()
         log.error(
             "message dead-lettered",
@@ -415,9 +421,9 @@ def _record_count(message: AbstractIncomingMessage) -> int:
     return count if isinstance(count, int) and count > 0 else 1
 
 
-async def _ack(message: AbstractIncomingMessage, *, multiple: bool) -> None:
+async def _ack(message: AbstractIncomingMessage) -> None:
     try:
-        await message.ack(multiple=multiple)
+        await message.ack()
     except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
         # Committed but not acked: RabbitMQ redelivers, and the fold makes that a no-op.
         raise ConnectionLost from exc
