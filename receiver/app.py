@@ -178,6 +178,8 @@ async def _read_and_publish(
         return error(422, "not an Upgates customers envelope", str(exc)), None, 0
     except msgspec.DecodeError as exc:
         return error(400, "malformed JSON", str(exc)), None, 0
+    except UnicodeDecodeError:
+        return error(400, "malformed JSON", "text is not valid UTF-8"), None, 0
     project = envelope.project_name
     if "\x00" in project or not _encodable(project):
         return error(422, "project_name cannot be stored", "NUL byte or invalid text"), None, 0

@@ -5,9 +5,10 @@ every column is a function of the *set* of events seen, so any order and any num
 give the same row. `store.UPSERT` applies the same join between a folded row and the table.
 
 - The row's data (email, code, deleted_at) comes from the newest event by
-  (time, rank, email, code): rank orders equal times as create < update < delete, and the
-  email/code tiebreak (code-point order, COLLATE "C" in SQL) only settles two different events
-  with the same second, which Upgates' timestamps allow.
+  (time, rank, fingerprint): rank orders equal times as create < update < delete; the
+  fingerprint (a hash of the event's values) only settles two different events of the same
+  kind in the same second, which Upgates' second-resolution timestamps allow. Data and status
+  use the same key, so a row never mixes two such events.
 - A delete erases the email and leaves a tombstone (deleted_at); an older event never undoes it.
 - active_yn/blocked_yn come from the newest event that carries them (creates do; updates may).
 - created_at is the newest creation_time seen, updated_at the newest last_update_time seen:
@@ -16,6 +17,7 @@ give the same row. `store.UPSERT` applies the same join between a folded row and
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -25,6 +27,7 @@ import msgspec
 from common import schema
 
 PRAGUE = ZoneInfo("Europe/Prague")
+_encode = msgspec.json.Encoder().encode
 RANK = {"create": 0, "update": 1, "delete": 2}
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 
@@ -50,39 +53,48 @@ class Row:
     deleted_at: datetime | None
     version_at: datetime
     version_rank: int
+    version_fp: bytes
     active_yn: bool | None
     blocked_yn: bool | None
     status_at: datetime | None
     status_rank: int | None
+    status_fp: bytes | None
     created_at: datetime | None
     updated_at: datetime | None
 
-    def version(self) -> tuple[datetime, int, str, str]:
+    def version(self) -> tuple[datetime, int, bytes]:
         """What decides which event's data the row shows."""
-        return (self.version_at, self.version_rank, self.email or "", self.code or "")
+        return (self.version_at, self.version_rank, self.version_fp)
 
-    def status_version(self) -> tuple[datetime, int, int, int]:
-        """What decides which event's active_yn/blocked_yn the row shows (status_at set)."""
-        assert self.status_at is not None
-        assert self.status_rank is not None
-        return (self.status_at, self.status_rank, _tri(self.active_yn), _tri(self.blocked_yn))
+    def status_version(self) -> tuple[datetime, int, bytes] | None:
+        """What decides which event's active_yn/blocked_yn the row shows; None: no event yet."""
+        if self.status_at is None or self.status_rank is None or self.status_fp is None:
+            return None
+        return (self.status_at, self.status_rank, self.status_fp)
 
     def merge(self, other: Row) -> None:
         """Join another state of the same customer into this one (commutative, idempotent)."""
         if other.version() > self.version():
             self.email, self.code, self.deleted_at = other.email, other.code, other.deleted_at
             self.version_at, self.version_rank = other.version_at, other.version_rank
-        if other.status_at is not None and (
-            self.status_at is None or other.status_version() > self.status_version()
-        ):
+            self.version_fp = other.version_fp
+        theirs, ours = other.status_version(), self.status_version()
+        if theirs is not None and (ours is None or theirs > ours):
             self.active_yn, self.blocked_yn = other.active_yn, other.blocked_yn
             self.status_at, self.status_rank = other.status_at, other.status_rank
+            self.status_fp = other.status_fp
         self.created_at = _newest(self.created_at, other.created_at)
         self.updated_at = _newest(self.updated_at, other.updated_at)
 
 
-def _tri(value: bool | None) -> int:
-    return -1 if value is None else int(value)
+def fingerprint(
+    email: str | None, code: str | None, active: bool | None, blocked: bool | None
+) -> bytes:
+    """A hash of an event's values: the deterministic tiebreak between same-second events.
+
+    Compared as bytes in Python and as bytea in Postgres (both memcmp), so both sides agree.
+    """
+    return hashlib.blake2b(_encode([email, code, active, blocked]), digest_size=16).digest()
 
 
 def _newest(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -117,6 +129,8 @@ def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Ro
         record = schema.record_decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return Rejected(event, f"invalid record: {exc}", _as_text(raw), position)
+    except UnicodeDecodeError:
+        return Rejected(event, "invalid record: text is not valid UTF-8", _as_text(raw), position)
     field = schema.TIME_FIELD[event]
     text = getattr(record, field)
     code = str(record.code) if isinstance(record.code, int) else record.code
@@ -130,25 +144,29 @@ def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Ro
     else:
         try:
             at = parse_time(text)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: year 1 minus an offset, and such
             reason = f"unparseable {field}"
     if reason is not None:
         return Rejected(event, reason, _as_text(raw), position)
 
     rank = RANK[event]
+    email = None if event == "delete" else record.email  # a delete erases personal data
     carries_status = record.active_yn is not None or record.blocked_yn is not None
+    fp = fingerprint(email, code, record.active_yn, record.blocked_yn)
     return Row(
         project_name=project,
         customer_id=record.customer_id,
-        email=None if event == "delete" else record.email,  # a delete erases personal data
+        email=email,
         code=code,
         deleted_at=at if event == "delete" else None,
         version_at=at,
         version_rank=rank,
+        version_fp=fp,
         active_yn=record.active_yn,
         blocked_yn=record.blocked_yn,
         status_at=at if carries_status else None,
         status_rank=rank if carries_status else None,
+        status_fp=fp if carries_status else None,
         created_at=at if event == "create" else None,
         updated_at=at if event == "update" else None,
     )

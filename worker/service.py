@@ -111,7 +111,7 @@ def decode_message(message: AbstractIncomingMessage) -> Decoded:
         raise ValueError(f"unknown event header {schema.H_EVENT}={event!r}")
     try:
         project, rows, rejected = decode_payload(str(event), message.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ValueError(f"not an Upgates customers envelope: {exc}") from None
     received_at = headers.get(schema.H_RECEIVED_AT)
     received = received_at / 1000 if isinstance(received_at, int) else time.time()

@@ -21,37 +21,35 @@ log = logging.getLogger(__name__)
 # pg_advisory_xact_lock key for migrations: any constant shared by all workers.
 MIGRATION_LOCK = 0x75706761746573  # "upgates"
 
-# An event's data wins when its (time, rank, email, code) is greater; COLLATE "C" compares code
-# points like Python does in fold.Row.version().
-_NEWER = """(EXCLUDED.version_at, EXCLUDED.version_rank,
-      COALESCE(EXCLUDED.email, '') COLLATE "C", COALESCE(EXCLUDED.code, '') COLLATE "C")
-    > (c.version_at, c.version_rank,
-      COALESCE(c.email, '') COLLATE "C", COALESCE(c.code, '') COLLATE "C")"""
+# An event's data wins when its (time, rank, fingerprint) is greater; see fold.Row.merge, which
+# is the same join in Python. bytea compares like Python bytes.
+_NEWER = """(EXCLUDED.version_at, EXCLUDED.version_rank, EXCLUDED.version_fp)
+    > (c.version_at, c.version_rank, c.version_fp)"""
 _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
-      (EXCLUDED.status_at, EXCLUDED.status_rank,
-       COALESCE(EXCLUDED.active_yn::int, -1), COALESCE(EXCLUDED.blocked_yn::int, -1))
-    > (c.status_at, c.status_rank,
-       COALESCE(c.active_yn::int, -1), COALESCE(c.blocked_yn::int, -1))))"""
+      (EXCLUDED.status_at, EXCLUDED.status_rank, EXCLUDED.status_fp)
+    > (c.status_at, c.status_rank, c.status_fp)))"""
 
 # Built from the constant fragments above only; the data travels as parameters.
 UPSERT = f"""
 INSERT INTO customers AS c (
-    project_name, customer_id, email, code, deleted_at, version_at, version_rank,
-    active_yn, blocked_yn, status_at, status_rank, created_at, updated_at)
+    project_name, customer_id, email, code, deleted_at, version_at, version_rank, version_fp,
+    active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at)
 SELECT * FROM unnest(
     $1::text[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-    $7::smallint[], $8::boolean[], $9::boolean[], $10::timestamptz[], $11::smallint[],
-    $12::timestamptz[], $13::timestamptz[])
+    $7::smallint[], $8::bytea[], $9::boolean[], $10::boolean[], $11::timestamptz[],
+    $12::smallint[], $13::bytea[], $14::timestamptz[], $15::timestamptz[])
 ON CONFLICT (project_name, customer_id) DO UPDATE SET
     email        = CASE WHEN {_NEWER} THEN EXCLUDED.email ELSE c.email END,
     code         = CASE WHEN {_NEWER} THEN EXCLUDED.code ELSE c.code END,
     deleted_at   = CASE WHEN {_NEWER} THEN EXCLUDED.deleted_at ELSE c.deleted_at END,
     version_at   = CASE WHEN {_NEWER} THEN EXCLUDED.version_at ELSE c.version_at END,
     version_rank = CASE WHEN {_NEWER} THEN EXCLUDED.version_rank ELSE c.version_rank END,
+    version_fp   = CASE WHEN {_NEWER} THEN EXCLUDED.version_fp ELSE c.version_fp END,
     active_yn    = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.active_yn ELSE c.active_yn END,
     blocked_yn   = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.blocked_yn ELSE c.blocked_yn END,
     status_at    = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.status_at ELSE c.status_at END,
     status_rank  = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.status_rank ELSE c.status_rank END,
+    status_fp    = CASE WHEN {_STATUS_NEWER} THEN EXCLUDED.status_fp ELSE c.status_fp END,
     created_at   = GREATEST(c.created_at, EXCLUDED.created_at),  -- GREATEST skips NULLs
     updated_at   = GREATEST(c.updated_at, EXCLUDED.updated_at),
     ingested_at  = now()
@@ -116,10 +114,12 @@ async def write_batch(pool: asyncpg.Pool, rows: list[Row], rejected: list[Reject
                 [r.deleted_at for r in rows],
                 [r.version_at for r in rows],
                 [r.version_rank for r in rows],
+                [r.version_fp for r in rows],
                 [r.active_yn for r in rows],
                 [r.blocked_yn for r in rows],
                 [r.status_at for r in rows],
                 [r.status_rank for r in rows],
+                [r.status_fp for r in rows],
                 [r.created_at for r in rows],
                 [r.updated_at for r in rows],
             )

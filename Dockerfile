@@ -1,0 +1,19 @@
+# One image for both services: `python -m receiver` (the default) or `python -m worker`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY receiver ./receiver
+COPY worker ./worker
+RUN pip install . \
+    && useradd --system --no-create-home --uid 10001 app
+
+USER app
+EXPOSE 8080 8081
+CMD ["python", "-m", "receiver"]

@@ -1,0 +1,58 @@
+"""The project's own promises about itself: docs and compose agree with the code."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from common.settings import ENV_VARS, Settings, SettingsError, load_settings
+from tests.conftest import ROOT
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    assert set(ENV_VARS) <= documented
+    assert documented <= set(ENV_VARS)
+
+
+def test_compose_file_is_valid_and_runs_the_tested_commands() -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed (.ci/run installs it)")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+        env={**os.environ, "WEBHOOK_TOKEN": "check"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    config = result.stdout
+    assert "- python\n    - -m\n    - receiver" in config
+    assert "- python\n    - -m\n    - worker" in config
+    assert "container_name" not in config  # the worker must scale
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.amqp_url == "amqp://guest:guest@localhost:5672/"
+    assert settings.database_url == "postgresql://postgres@localhost:5432/upgates"
+    assert (settings.receiver_host, settings.receiver_port) == ("0.0.0.0", 8080)
+    assert settings.max_body_bytes >= 16 * 1024 * 1024
+    assert settings.publish_timeout < 1
+
+
+def test_settings_are_read_and_checked() -> None:
+    settings = load_settings({"WEBHOOK_TOKEN": "a, b", "WORKER_PREFETCH": "7"})
+    assert settings.webhook_tokens == ("a", "b")
+    assert settings.prefetch == 7
+    with pytest.raises(SettingsError, match="PUBLISH_TIMEOUT"):
+        load_settings({"PUBLISH_TIMEOUT": "1.5"})
+    with pytest.raises(SettingsError, match="RECEIVER_PORT"):
+        load_settings({"RECEIVER_PORT": "eighty"})

@@ -1,0 +1,208 @@
+"""The fold against the real database: batches written by store.write_batch end in the oracle table.
+
+Each hypothesis example delivers the events (shuffled, some repeated) in random consecutive
+batches, one write_batch per batch as a worker does; whatever the split, the customers table must
+be the time-ordered replay of the events (tests/test_fold.py's oracle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from itertools import pairwise
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import PG_ADMIN
+from tests.test_fold import Event, delivered, events_strategy, oracle
+from worker.fold import decode_payload, fold
+from worker.store import RejectedFrom, migrate, write_batch
+
+KINDS = ("create", "update", "delete")
+COLUMNS = (
+    "project_name, customer_id, email, code, active_yn, blocked_yn, "
+    "created_at, updated_at, deleted_at"
+)
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated database; a pool of two connections to it."""
+    conn = await asyncpg.connect(database)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    async with asyncpg.create_pool(database, min_size=2, max_size=2) as created:
+        yield created
+
+
+@pytest.fixture
+async def czech_pool() -> AsyncIterator[asyncpg.Pool]:
+    """A migrated database whose default collation is Czech (ICU), as a Czech shop's may be."""
+    name = f"test_cs_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(
+            f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'"
+            " LOCALE_PROVIDER icu ICU_LOCALE 'cs-CZ' LOCALE 'C.UTF-8'"
+        )
+    finally:
+        await admin.close()
+    dsn = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as created:
+        yield created
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def table(pool: asyncpg.Pool) -> dict[tuple[str, int], dict[str, Any]]:
+    rows = await pool.fetch(f"SELECT {COLUMNS} FROM customers")  # noqa: S608
+    return {(r["project_name"], r["customer_id"]): dict(r) for r in rows}
+
+
+async def write_in_batches(pool: asyncpg.Pool, batches: list[list[Event]]) -> None:
+    for batch in batches:
+        await write_batch(pool, fold([event.to_row() for event in batch]), [])
+
+
+@st.composite
+def split(draw: st.DrawFn, events: list[Event]) -> list[list[Event]]:
+    """The events cut into random consecutive, non-empty batches."""
+    cuts = sorted(draw(st.sets(st.integers(1, len(events) - 1))) if len(events) > 1 else set())
+    bounds = [0, *cuts, len(events)]
+    return [events[a:b] for a, b in pairwise(bounds)]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(case=delivered(events_strategy(max_size=16)), data=st.data())
+async def test_batches_end_in_the_time_ordered_replay(
+    pool: asyncpg.Pool, case: tuple[list[Event], list[Event]], data: st.DataObject
+) -> None:
+    distinct, arrivals = case
+    batches = data.draw(split(arrivals), label="batches")
+    await pool.execute("TRUNCATE customers")
+    await write_in_batches(pool, batches)
+    assert await table(pool) == oracle(distinct)
+
+
+def worker_events(worker: int) -> list[Event]:
+    """One worker's batch: events of 300 customers in two shops, most also in the other batch.
+
+    Each batch has three events per key at seeded random seconds and of random kinds, so per key
+    either batch may hold the newest event, the newest create or the newest update; both also
+    hold one shared event. Customers above 250 are in batch 0 only.
+    """
+    events = []
+    for cid in range(1, 301):
+        if cid > 250 and worker == 1:
+            continue
+        rnd = random.Random(f"{worker}-{cid}")
+        seconds = rnd.sample((0, 1, 2, 4, 5, 6), 3)
+        for second, kind in [*((s, rnd.choice(KINDS)) for s in seconds), (3, KINDS[cid % 3])]:
+            # Same key, second and kind: the same event (no same-second ties between batches).
+            active = (cid + second + len(kind)) % 3 == 0
+            for project in ("shop-a", "shop-b"):
+                email = f"{cid}-{second}-{kind}@x.cz"
+                events.append(Event(project, kind, cid, second, email, f"K{second}", active, None))
+    return events
+
+
+async def test_concurrent_batches_over_the_same_keys(pool: asyncpg.Pool) -> None:
+    # Two workers writing overlapping customers at once (both batches in key order, as folded),
+    # each newer on some keys, older on others: the table ends as the replay of all events.
+    first, second = worker_events(0), worker_events(1)
+    expected = oracle(first + second)
+    for _ in range(3):  # both orders of arrival, and a repeat onto existing rows
+        await asyncio.gather(write_in_batches(pool, [first]), write_in_batches(pool, [second]))
+        assert await table(pool) == expected
+        await asyncio.gather(write_in_batches(pool, [second]), write_in_batches(pool, [first]))
+        assert await table(pool) == expected
+        await pool.execute("TRUNCATE customers")
+    # Serially, each order: the older batch arriving last changes nothing.
+    for order in ((first, second), (second, first)):
+        await write_in_batches(pool, list(order))
+        assert await table(pool) == expected
+        await pool.execute("TRUNCATE customers")
+
+
+async def test_rejected_records_are_stored_with_the_rows(pool: asyncpg.Pool) -> None:
+    # One batch holds rows and rejected records: both land, and a redelivery adds nothing twice.
+    body = (
+        b'{"project_name": "shop-a", "customers": ['
+        b'{"customer_id": 1, "last_update_time": "2024-01-15T10:00:00+01:00", "email": "a@x.cz"},'
+        b'{"customer_id": "x", "last_update_time": "2024-01-15T10:00:00+01:00"},'
+        b'{"customer_id": 2, "last_update_time": "2024-01-15T10:00:00+01:00", "email": "\\u0000"}'
+        b"]}"
+    )
+    project, rows, rejected = decode_payload("update", body)
+    received = datetime(2024, 1, 15, 9, 0, 1, tzinfo=UTC)
+    batch = [RejectedFrom(project, received, "req-1", r) for r in rejected]
+    for _ in range(2):
+        await write_batch(pool, fold(rows), batch)
+    assert [(k, v["email"]) for k, v in (await table(pool)).items()] == [(("shop-a", 1), "a@x.cz")]
+    stored = await pool.fetch(
+        "SELECT project_name, event, reason, record, received_at, position"
+        " FROM rejected_records ORDER BY position"
+    )
+    assert [(r["project_name"], r["event"], r["position"]) for r in stored] == [
+        ("shop-a", "update", 1),
+        ("shop-a", "update", 2),
+    ]
+    assert "customer_id" in stored[0]["reason"]
+    assert "NUL" in stored[1]["reason"]
+    assert stored[1]["record"] == rejected[1].record
+    assert all(r["received_at"] == received for r in stored)
+
+
+async def test_same_second_tiebreak_follows_code_points_under_any_collation(
+    czech_pool: asyncpg.Pool,
+) -> None:
+    # Same second, same event, different email: the database must pick the event Python's fold
+    # picks (code-point order), not the one the database's collation would sort last. In Czech,
+    # "ch" sorts after "h" and case comes second; in code points, "ch" < "h" and "Z" < "a".
+    for emails in (("ch@x.cz", "h@x.cz"), ("Zoe@x.cz", "adam@x.cz")):
+        events = [Event("shop-a", "update", 1, 0, email, None, None, None) for email in emails]
+        for order in (events, events[::-1]):
+            await czech_pool.execute("TRUNCATE customers")
+            await write_in_batches(czech_pool, [[order[0]], [order[1]]])
+            assert await table(czech_pool) == oracle(events)
+            assert (await table(czech_pool))[("shop-a", 1)]["email"] == max(emails)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [(("a@x.cz", None), ("a@x.cz", "")), ((None, "K"), ("", "K"))],
+    ids=["code", "email"],
+)
+async def test_null_and_empty_text_in_the_same_second_any_order(
+    pool: asyncpg.Pool, one: tuple[str | None, str | None], other: tuple[str | None, str | None]
+) -> None:
+    # Two updates of one customer in the same second, differing only in null vs "": the contract
+    # promises the same table for any order of arrival.
+    a = Event("shop-a", "update", 1, 0, one[0], one[1], None, None)
+    b = Event("shop-a", "update", 1, 0, other[0], other[1], None, None)
+    await write_in_batches(pool, [[a], [b]])
+    a_then_b = await table(pool)
+    await pool.execute("TRUNCATE customers")
+    await write_in_batches(pool, [[b], [a]])
+    assert await table(pool) == a_then_b
