@@ -50,6 +50,11 @@ class Settings:
     worker_port: int = 8081  # /healthz, /readyz, /metrics of a worker; 0 disables
     db_pool_size: int = 2
 
+    # Retention of personal data that could not be applied (applied hourly by the workers)
+    rejected_retention_days: float = 30.0
+    dead_letter_retention_days: float = 30.0
+    retention_interval: float = 3600.0
+
 
 # Environment variable -> field. Explicit, so the README table can be checked against it.
 _ENV: dict[str, str] = {
@@ -77,6 +82,9 @@ _ENV: dict[str, str] = {
     "WORKER_HOST": "worker_host",
     "WORKER_PORT": "worker_port",
     "DB_POOL_SIZE": "db_pool_size",
+    "REJECTED_RETENTION_DAYS": "rejected_retention_days",
+    "DEAD_LETTER_RETENTION_DAYS": "dead_letter_retention_days",
+    "RETENTION_INTERVAL": "retention_interval",
 }
 
 ENV_VARS = tuple(_ENV)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -24,13 +24,25 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common import schema
+from common.deadletters import open_dead_letters
 from common.metrics import LATENCY_BUCKETS
 from common.settings import Settings
 from common.topology import Topology, amqp_url_with_heartbeat, declare_topology
 from worker.fold import Row, decode_payload, fold
-from worker.store import RejectedFrom, ensure_database, is_transient, migrate, write_batch
+from worker.store import (
+    RETENTION_LOCK,
+    RejectedFrom,
+    ensure_database,
+    is_transient,
+    migrate,
+    purge_rejected,
+    write_batch,
+)
 
 log = logging.getLogger(__name__)
+
+# Dead letters looked at per retention run (each is held unacked until the run ends).
+RETENTION_SCAN_LIMIT = 10_000
 
 
 class ConnectionLost(Exception):
@@ -150,8 +162,10 @@ class Worker:
 
     async def run(self) -> None:
         """Connect to Postgres (migrating the schema) and RabbitMQ, consume until stopped."""
+        retention: asyncio.Task[None] | None = None
         try:
             await self._open_database()
+            retention = asyncio.create_task(self._keep_retention(), name="retention")
             backoff = 0.1
             while not self._stopping.is_set():
                 try:
@@ -166,8 +180,28 @@ class Worker:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
+            if retention is not None:
+                retention.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await retention
             if self.pool is not None:
                 await self.pool.close()
+
+    async def _keep_retention(self) -> None:
+        """Every RETENTION_INTERVAL, one worker (whichever holds the lock) purges old data."""
+        while True:
+            await asyncio.sleep(self.settings.retention_interval)
+            try:
+                assert self.pool is not None
+                async with self.pool.acquire() as conn:
+                    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
+                        continue  # another worker is at it
+                    try:
+                        await apply_retention(self.settings, self.pool)
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+            except Exception as exc:  # noqa: BLE001 - retention must never stop the worker
+                log.warning("retention failed: %s; next try in an interval", type(exc).__name__)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -414,6 +448,22 @@ class Worker:
                 "lag_ms": round(lag * 1000, 1),
             },
         )
+
+
+async def apply_retention(settings: Settings, pool: asyncpg.Pool) -> tuple[int, int]:
+    """Purge rejected records and dead letters older than their retention; (rows, letters)."""
+    now = datetime.now(UTC)
+    rows = await purge_rejected(pool, now - timedelta(days=settings.rejected_retention_days))
+    cutoff = now - timedelta(days=settings.dead_letter_retention_days)
+    letters = 0
+    async with open_dead_letters(settings) as dlq:
+        for letter in await dlq.scan(RETENTION_SCAN_LIMIT):
+            if letter.received_at is not None and letter.received_at < cutoff:
+                await dlq.drop(letter)
+                letters += 1
+    if rows or letters:
+        log.info("retention applied", extra={"rejected_records": rows, "dead_letters": letters})
+    return rows, letters
 
 
 def _record_count(message: AbstractIncomingMessage) -> int:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key for migrations: any constant shared by all workers.
 MIGRATION_LOCK = 0x75706761746573  # "upgates"
+RETENTION_LOCK = MIGRATION_LOCK + 1
 
 # An event's data wins when its (time, rank, fingerprint) is greater; see fold.Row.merge, which
 # is the same join in Python. bytea compares like Python bytes.
@@ -191,3 +192,12 @@ async def ensure_database(dsn: str) -> None:
         pass  # another worker created it first
     finally:
         await admin.close()
+
+
+PURGE_REJECTED = "DELETE FROM rejected_records WHERE received_at < $1"
+
+
+async def purge_rejected(pool: asyncpg.Pool, before: datetime) -> int:
+    """Delete rejected records received before `before` (they hold personal data)."""
+    status = await pool.execute(PURGE_REJECTED, before)
+    return int(status.rsplit(" ", 1)[-1])

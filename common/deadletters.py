@@ -1,0 +1,141 @@
+"""Reading, replaying and purging the dead-letter queue (used by the admin command and workers).
+
+Listing works by getting messages without acknowledging them and closing the channel after:
+RabbitMQ then puts back everything not acked, so looking never removes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from common import schema
+from common.settings import Settings
+from common.topology import EXCHANGE, ROUTING_KEYS, amqp_url_with_heartbeat, declare_topology
+
+# Headers that describe a death, not the webhook: dropped when a message is replayed.
+_DEATH_HEADERS = (
+    schema.H_ERROR,
+    "x-original-routing-key",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """What an operator needs to know about one dead-lettered message, without its data."""
+
+    message: AbstractIncomingMessage
+    reason: str
+    event: str | None
+    shop: str | None
+    records: int | None
+    request_id: str | None
+    received_at: datetime | None
+    routing_key: str | None
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetter:
+    """Read a dead letter's headers: why, which shop and event, when received."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    deaths = headers.get("x-death")
+    death: dict[str, Any] = deaths[0] if isinstance(deaths, list) and deaths else {}
+    reason = headers.get(schema.H_ERROR)
+    if reason is None and death:
+        # Dead-lettered by RabbitMQ: delivery_limit (it kept failing), rejected, expired, maxlen.
+        reason = f"rabbitmq: {death.get('reason')} after {death.get('count', '?')} death(s)"
+    received_ms = headers.get(schema.H_RECEIVED_AT)
+    received = (
+        datetime.fromtimestamp(received_ms / 1000, UTC)
+        if isinstance(received_ms, int)
+        else message.timestamp
+    )
+    routing_key = headers.get("x-original-routing-key")
+    if not routing_key and death.get("routing-keys"):
+        routing_key = death["routing-keys"][0]
+    event = headers.get(schema.H_EVENT)
+    if not routing_key and event in ROUTING_KEYS:
+        routing_key = ROUTING_KEYS[event]
+    records = headers.get(schema.H_RECORDS)
+    return DeadLetter(
+        message=message,
+        reason=str(reason or "unknown"),
+        event=str(event) if event is not None else None,
+        shop=str(headers[schema.H_PROJECT]) if schema.H_PROJECT in headers else None,
+        records=records if isinstance(records, int) else None,
+        request_id=str(headers[schema.H_REQUEST_ID]) if schema.H_REQUEST_ID in headers else None,
+        received_at=received,
+        routing_key=str(routing_key) if routing_key else None,
+    )
+
+
+class DeadLetterQueue:
+    """A session on the dead-letter queue; what is not acked returns to it on close."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+
+    async def scan(self, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters, oldest first, held unacknowledged until close."""
+        found = []
+        for _ in range(limit):
+            message = await self._queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            found.append(describe(message))
+        return found
+
+    async def replay(self, letter: DeadLetter) -> None:
+        """Publish the message again to the customer queue (confirmed), then drop the copy.
+
+        Safe to repeat: the fold ignores what the table already reflects.
+        """
+        if letter.routing_key is None:
+            raise ValueError("cannot tell which event this message was; not replayed")
+        if self._exchange is None:
+            self._exchange = await self._channel.get_exchange(EXCHANGE)
+        headers = {
+            k: v for k, v in (letter.message.headers or {}).items() if k not in _DEATH_HEADERS
+        }
+        await self._exchange.publish(
+            aio_pika.Message(
+                letter.message.body,
+                headers=headers,
+                content_type=letter.message.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=letter.message.message_id,
+                timestamp=letter.message.timestamp,
+            ),
+            routing_key=letter.routing_key,
+            mandatory=True,
+        )
+        await letter.message.ack()
+
+    async def drop(self, letter: DeadLetter) -> None:
+        """Remove a dead letter for good."""
+        await letter.message.ack()
+
+
+@contextlib.asynccontextmanager
+async def open_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
+    """A DeadLetterQueue on its own connection, closed (returning unacked messages) on exit."""
+    connection = await aio_pika.connect(amqp_url_with_heartbeat(settings.amqp_url), timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        topology = await declare_topology(channel, settings)
+        yield DeadLetterQueue(channel, topology.dead_queue)
