@@ -19,6 +19,9 @@ class Settings:
     database_url: str = "postgresql://postgres@localhost:5432/upgates"
     # Accepted tokens. Empty only when allow_no_token is set on purpose.
     webhook_tokens: tuple[str, ...] = ()
+    # Optional tokens bound to one shop: (project_name, token). Such a token cannot write
+    # another shop's customers (403).
+    shop_tokens: tuple[tuple[str, str], ...] = ()
     allow_no_token: bool = False
     log_level: str = "INFO"
     log_format: str = "auto"  # auto: JSON lines unless stdout is a terminal
@@ -61,6 +64,7 @@ _ENV: dict[str, str] = {
     "AMQP_URL": "amqp_url",
     "DATABASE_URL": "database_url",
     "WEBHOOK_TOKEN": "webhook_tokens",
+    "SHOP_TOKENS": "shop_tokens",
     "ALLOW_NO_TOKEN": "allow_no_token",
     "LOG_LEVEL": "log_level",
     "LOG_FORMAT": "log_format",
@@ -100,7 +104,16 @@ def _parse(name: str, raw: str, default: object) -> object:
         raise SettingsError(f"{name} must be true or false")
     if isinstance(default, tuple):
         # Several tokens, comma-separated, let an operator rotate without downtime.
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        parts = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if name != "SHOP_TOKENS":
+            return parts
+        pairs = []
+        for part in parts:
+            shop, sep, token = part.partition("=")
+            if not sep or not shop.strip() or not token.strip():
+                raise SettingsError("SHOP_TOKENS must be shop=token pairs, comma-separated")
+            pairs.append((shop.strip(), token.strip()))
+        return tuple(pairs)
     try:
         if isinstance(default, int):
             return int(raw)
@@ -144,8 +157,8 @@ def check_settings(settings: Settings) -> None:
 
 def require_token(settings: Settings) -> None:
     """The receiver refuses to start open to anyone unless told so explicitly."""
-    if not settings.webhook_tokens and not settings.allow_no_token:
+    if not settings.webhook_tokens and not settings.shop_tokens and not settings.allow_no_token:
         raise SettingsError(
             "WEBHOOK_TOKEN is not set: refusing to accept webhooks from anyone. "
-            "Set WEBHOOK_TOKEN, or ALLOW_NO_TOKEN=true for a closed test network."
+            "Set WEBHOOK_TOKEN (or SHOP_TOKENS), or ALLOW_NO_TOKEN=true for a closed test network."
         )

@@ -100,13 +100,27 @@ def token_of(request: web.Request) -> str | None:
     return password
 
 
-def authorized(settings: Settings, token: str | None) -> bool:
-    """Constant-time comparison against every configured token (several during a rotation)."""
-    if not settings.webhook_tokens:
-        return settings.allow_no_token
+# What a token grants: any shop, one shop, or nothing.
+ANY_SHOP = ""
+
+
+def authorize(settings: Settings, token: str | None) -> str | None:
+    """ANY_SHOP for a shared token, the shop's name for a shop token, None for no match.
+
+    Every configured token is compared, in constant time, whatever matched first: the time taken
+    says nothing about which token, or how much of one, was right.
+    """
+    if not settings.webhook_tokens and not settings.shop_tokens:
+        return ANY_SHOP if settings.allow_no_token else None
     given = (token or "").encode()
-    matches = [hmac.compare_digest(given, t.encode()) for t in settings.webhook_tokens]
-    return token is not None and any(matches)
+    granted: str | None = None
+    for candidate in settings.webhook_tokens:
+        if hmac.compare_digest(given, candidate.encode()):
+            granted = ANY_SHOP
+    for shop, candidate in settings.shop_tokens:
+        if hmac.compare_digest(given, candidate.encode()) and granted is None:
+            granted = shop
+    return granted if token is not None else None
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
@@ -138,7 +152,8 @@ async def receive_webhook(request: web.Request) -> web.Response:
 async def _handle(request: web.Request, event: str) -> tuple[web.Response, str | None, int]:
     app = request.app
     settings = app[SETTINGS]
-    if not authorized(settings, token_of(request)):
+    granted = authorize(settings, token_of(request))
+    if granted is None:
         return (
             error(
                 401,
@@ -157,13 +172,13 @@ async def _handle(request: web.Request, event: str) -> tuple[web.Response, str |
         return _unavailable(settings, "too many requests at once"), None, 0
     in_flight[0] += 1
     try:
-        return await _read_and_publish(request, settings, event)
+        return await _read_and_publish(request, settings, event, granted)
     finally:
         in_flight[0] -= 1
 
 
 async def _read_and_publish(
-    request: web.Request, settings: Settings, event: str
+    request: web.Request, settings: Settings, event: str, granted: str
 ) -> tuple[web.Response, str | None, int]:
     try:
         body = await asyncio.wait_for(request.read(), settings.body_read_timeout)
@@ -181,6 +196,8 @@ async def _read_and_publish(
     except UnicodeDecodeError:
         return error(400, "malformed JSON", "text is not valid UTF-8"), None, 0
     project = envelope.project_name
+    if granted not in (ANY_SHOP, project):
+        return error(403, "this token is for another shop"), None, 0
     if "\x00" in project or not _encodable(project):
         return error(422, "project_name cannot be stored", "NUL byte or invalid text"), None, 0
 

@@ -58,3 +58,10 @@ def test_settings_are_read_and_checked() -> None:
         load_settings({"PUBLISH_TIMEOUT": "1.5"})
     with pytest.raises(SettingsError, match="RECEIVER_PORT"):
         load_settings({"RECEIVER_PORT": "eighty"})
+
+
+def test_shop_tokens_are_read_as_pairs() -> None:
+    settings = load_settings({"SHOP_TOKENS": "shop-a=aaa, shop-b=bbb"})
+    assert settings.shop_tokens == (("shop-a", "aaa"), ("shop-b", "bbb"))
+    with pytest.raises(SettingsError, match="SHOP_TOKENS"):
+        load_settings({"SHOP_TOKENS": "shop-a"})
