@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,9 @@ import subprocess
 import pytest
 
 from common.settings import ENV_VARS, Settings, SettingsError, load_settings
+from receiver.app import ReceiverMetrics
 from tests.conftest import ROOT
+from worker.service import WorkerMetrics
 
 
 def test_readme_configuration_table_lists_every_setting() -> None:
@@ -65,3 +68,28 @@ def test_shop_tokens_are_read_as_pairs() -> None:
     assert settings.shop_tokens == (("shop-a", "aaa"), ("shop-b", "bbb"))
     with pytest.raises(SettingsError, match="SHOP_TOKENS"):
         load_settings({"SHOP_TOKENS": "shop-a"})
+
+
+def _exported_metric_names() -> set[str]:
+    names: set[str] = set()
+    for registry in (ReceiverMetrics().registry, WorkerMetrics().registry):
+        for family in registry.collect():
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+    # Series that appear only once a labelled child exists.
+    for family in list(names):
+        names.update({f"{family}_total", f"{family}_bucket", f"{family}_sum", f"{family}_count"})
+    return names
+
+
+def test_dashboard_queries_name_metrics_the_code_exports() -> None:
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/upgates-ingest.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(upgates_[a-z_]+)\b", e)}
+    assert used, "the dashboard queries no metric of ours"
+    assert used <= _exported_metric_names()
+    rabbit = {name for e in exprs for name in re.findall(r"\b(rabbitmq_[a-z_]+)\b", e)}
+    # RabbitMQ's own (rabbitmq_prometheus, family queue_coarse_metrics, scraped in prometheus.yml)
+    assert rabbit <= {"rabbitmq_detailed_queue_messages"}
+    prometheus = (ROOT / "deploy/prometheus.yml").read_text()
+    assert "queue_coarse_metrics" in prometheus
