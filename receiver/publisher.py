@@ -99,7 +99,8 @@ class Publisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure to connect means: try again
-                log.warning("cannot reach the broker: %s; retrying", type(exc).__name__)
+                # aiormq's messages name the host, never the password (it censors URLs).
+                log.warning("cannot reach the broker: %s %s; retrying", type(exc).__name__, exc)
             finally:
                 self._channel = self._exchange = None
                 if connection is not None:

@@ -172,7 +172,9 @@ class Worker:
                     await self._consume()
                     backoff = 0.1
                 except (ConnectionLost, aiormq.exceptions.AMQPError, OSError) as exc:
-                    log.warning("broker connection lost: %s; reconnecting", type(exc).__name__)
+                    log.warning(
+                        "broker connection lost: %s %s; reconnecting", type(exc).__name__, exc
+                    )
                 except Abandoned:
                     log.warning("shutdown grace over: the batch in hand will be redelivered")
                     break
