@@ -33,6 +33,7 @@ from worker.store import (
     RETENTION_LOCK,
     RejectedFrom,
     ensure_database,
+    is_data_error,
     is_transient,
     migrate,
     purge_rejected,
@@ -327,14 +328,17 @@ class Worker:
                 decoded.append(decode_message(message))
             except ValueError as exc:
                 await self._dead_letter(message, str(exc), topology)
+            except Exception as exc:
+                log.exception("cannot decode a message")
+                await self._dead_letter(message, f"undecodable: {type(exc).__name__}", topology)
         if not decoded:
             return
         try:
             changed, rows = await self._commit(decoded, channel)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, ConnectionLost | Abandoned):
+            if not is_data_error(exc):
                 raise
-            # Something in the batch fails every time: find it by writing each message alone.
+            # A value in the batch fails every time: find its message by writing each alone.
             log.warning("batch failed (%s); writing its messages one by one", type(exc).__name__)
             for item in decoded:
                 await self._process_alone(item, topology, channel)
@@ -352,7 +356,7 @@ class Worker:
         try:
             changed, rows = await self._commit([item], channel)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, ConnectionLost | Abandoned):
+            if not is_data_error(exc):
                 raise
             sqlstate = getattr(exc, "sqlstate", None) or ""
             reason = f"write failed: {type(exc).__name__} {sqlstate}".strip()
@@ -362,7 +366,13 @@ class Worker:
         self._record([item], changed, rows, time.perf_counter() - started)
 
     async def _commit(self, decoded: list[Decoded], channel: AbstractChannel) -> tuple[int, int]:
-        """Fold and write the batch, retrying transient failures with backoff; (changed, rows)."""
+        """Fold and write the batch; (changed, rows).
+
+        Every failure but a data error is retried with backoff, for as long as it takes: a
+        Postgres restart, a deadlock, but also a dropped table or a revoked permission, which an
+        operator can fix while the messages wait. Only a data error (a value this batch holds)
+        is raised, for _process to find and dead-letter the message that holds it.
+        """
         rows = fold([row for item in decoded for row in item.rows])
         rejected = [r for item in decoded for r in item.rejected]
         assert self.pool is not None
@@ -371,10 +381,11 @@ class Worker:
             try:
                 return await write_batch(self.pool, rows, rejected), len(rows)
             except Exception as exc:
-                if not is_transient(exc):
+                if is_data_error(exc):
                     raise
                 self.metrics.retries.inc()
-                log.warning(
+                log.log(
+                    logging.WARNING if is_transient(exc) else logging.ERROR,
                     "batch write failed, retrying",
                     extra={
                         "error": type(exc).__name__,

@@ -85,6 +85,20 @@ class RejectedFrom:
 _TRANSIENT_STATES = {"40P01", "40001", "57P01", "57P02", "57P03", "55P03", "25006"}
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """True when a value in the batch is at fault: retrying the same batch fails again.
+
+    Class 22 is data exceptions (a value out of range, bad text; asyncpg also raises one, with
+    SQLSTATE 22000, for a value it cannot encode), 23 integrity violations. Their messages can
+    quote the value: log the class and SQLSTATE only.
+    """
+    if isinstance(exc, UnicodeEncodeError | OverflowError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in {"22", "23"}
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same batch later can succeed."""
     if isinstance(exc, OSError | TimeoutError | asyncpg.exceptions.ConnectionDoesNotExistError):
