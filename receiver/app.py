@@ -274,7 +274,8 @@ async def json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason)
+        kept = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}  # 405 needs it
+        return error(exc.status, exc.reason, headers=kept or None)
 
 
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 
 from common.settings import Settings
@@ -371,3 +372,32 @@ async def test_sigterm_finishes_the_batch_in_hand(
         await asyncio.wait_for(task, 20)
     finally:
         await conn.close()
+
+
+async def test_a_record_that_is_not_utf8_is_rejected_and_its_neighbours_applied(
+    shop: Shop,
+) -> None:
+    # windows-1250 bytes: in a field we keep (the record is rejected), and in a field we ignore
+    # (it does not matter).
+    in_email = {"customer_id": 2, "email": "nováková@example.cz", "creation_time": at(0)}
+    in_unknown = {
+        "customer_id": 3,
+        "email": "c@example.cz",
+        "surname": "Nováková",
+        "creation_time": at(0),
+    }
+    body = b'{"project_name": "%s", "customers": [%s, %s, %s]}' % (
+        SHOP.encode(),
+        msgspec.json.encode(create(1, 0, email="ok@example.cz")),
+        msgspec.json.encode(in_email).decode().encode("cp1250"),
+        msgspec.json.encode(in_unknown).decode().encode("cp1250"),
+    )
+    status, answer = await post(shop.http, shop.url, "create", body)
+    assert (status, answer["accepted"]) == (200, 3)
+    rejected = await wait_until(lambda: _rejected(shop.db, 1))
+    assert rejected[0]["reason"] == "invalid record: text is not valid UTF-8"
+    assert "nov\ufffdkov\ufffd@example.cz" in rejected[0]["record"]
+    await wait_until(lambda: _rows(shop.db, 2))
+    assert (await shop.row(1))["email"] == "ok@example.cz"
+    assert await shop.row(2) is None
+    assert (await shop.row(3))["email"] == "c@example.cz"
