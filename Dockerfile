@@ -11,6 +11,7 @@ COPY pyproject.toml README.md ./
 COPY common ./common
 COPY receiver ./receiver
 COPY worker ./worker
+COPY admin ./admin
 RUN pip install . \
     && useradd --system --no-create-home --uid 10001 app
 

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,41 @@ def test_dashboard_queries_name_metrics_the_code_exports() -> None:
     assert rabbit <= {"rabbitmq_detailed_queue_messages"}
     prometheus = (ROOT / "deploy/prometheus.yml").read_text()
     assert "queue_coarse_metrics" in prometheus
+
+
+def test_the_image_build_installs_from_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    # No Docker engine here: rebuild the image's /app from its COPY lines and install it as the
+    # Dockerfile does, then check the three commands exist and the migrations are packaged.
+    app = tmp_path / "app"
+    app.mkdir()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = line.split()[1:]
+            for source in sources:
+                src = ROOT / source
+                if src.is_dir():
+                    shutil.copytree(src, app / source, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(src, app / source)
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(app),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert {"upgates-receiver", "upgates-worker", "upgates-admin"} <= {
+        p.name for p in (target / "bin").iterdir()
+    }
+    assert (target / "worker" / "migrations" / "0001_init.sql").exists()
+    for package in ("common", "receiver", "worker", "admin"):
+        assert (target / package / "__main__.py").exists() or package == "common"
