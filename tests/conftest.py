@@ -104,23 +104,32 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
-@pytest.fixture
-async def receiver_url(settings: Settings) -> AsyncIterator[str]:
-    """A real receiver (in this process) listening on a real port; waits until it is ready."""
+@contextlib.asynccontextmanager
+async def serve(settings: Settings, *, ready: bool = True) -> AsyncIterator[str]:
+    """A real receiver in this process on its own port; waits for /readyz 200 unless told not."""
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.receiver_host, settings.receiver_port)
-    await site.start()
-    url = f"http://{settings.receiver_host}:{settings.receiver_port}"
-    async with aiohttp.ClientSession() as session:
+    try:
+        await web.TCPSite(runner, settings.receiver_host, settings.receiver_port).start()
+        url = f"http://{settings.receiver_host}:{settings.receiver_port}"
+        if ready:
+            async with aiohttp.ClientSession() as session:
 
-        async def ready() -> bool:
-            async with session.get(f"{url}/readyz") as response:
-                return response.status == 200
+                async def is_ready() -> bool:
+                    async with session.get(f"{url}/readyz") as response:
+                        return response.status == 200
 
-        await wait_until(ready)
-    yield url
-    await runner.cleanup()
+                await wait_until(is_ready)
+        yield url
+    finally:
+        await asyncio.wait_for(runner.cleanup(), 10)
+
+
+@pytest.fixture
+async def receiver_url(settings: Settings) -> AsyncIterator[str]:
+    """A real receiver connected to the test vhost, ready to publish."""
+    async with serve(settings) as url:
+        yield url
 
 
 @pytest.fixture

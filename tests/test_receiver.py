@@ -21,14 +21,12 @@ import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from common.settings import Settings
 from common.topology import EXCHANGE, QUEUE
-from receiver.app import create_app
-from tests.conftest import ROOT, TOKEN, env_for, free_port, post, wait_until
+from tests.conftest import ROOT, TOKEN, env_for, free_port, post, serve, wait_until
 
 CANARY = "canary-7f3a@example.cz"  # customer data that must never come back in a response
 SHOP = "obchod-u-jany"
@@ -66,27 +64,6 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 def hook(base_url: str, event: str = "create") -> str:
     return f"{base_url}/webhooks/customers/{event}"
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: Settings, *, ready: bool = True) -> AsyncIterator[str]:
-    """A real receiver on its own port; waits for /readyz 200 unless told not to."""
-    runner = web.AppRunner(create_app(settings), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.receiver_host, settings.receiver_port).start()
-        url = f"http://{settings.receiver_host}:{settings.receiver_port}"
-        if ready:
-            async with aiohttp.ClientSession() as session:
-
-                async def is_ready() -> bool:
-                    async with session.get(f"{url}/readyz") as response:
-                        return response.status == 200
-
-                await wait_until(is_ready)
-        yield url
-    finally:
-        await asyncio.wait_for(runner.cleanup(), 10)
 
 
 @contextlib.asynccontextmanager

@@ -7,29 +7,16 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from common.settings import Settings
-from receiver.app import create_app
-from tests.conftest import TOKEN, post, wait_until
+from tests.conftest import TOKEN, post, serve
 
 
 @pytest.fixture
 async def shop_receiver(settings: Settings) -> AsyncIterator[str]:
     settings = replace(settings, shop_tokens=(("shop-a", "token-a"), ("shop-b", "token-b")))
-    runner = web.AppRunner(create_app(settings), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.receiver_host, settings.receiver_port).start()
-    url = f"http://{settings.receiver_host}:{settings.receiver_port}"
-    async with aiohttp.ClientSession() as session:
-
-        async def ready() -> bool:
-            async with session.get(f"{url}/readyz") as response:
-                return response.status == 200
-
-        await wait_until(ready)
-    yield url
-    await runner.cleanup()
+    async with serve(settings) as url:
+        yield url
 
 
 def body(shop: str) -> dict[str, object]:
