@@ -6,10 +6,11 @@ build the queue arguments here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
 from common.settings import Settings
@@ -75,3 +76,17 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
     queue = await channel.declare_queue(QUEUE, durable=True, arguments=queue_arguments(settings))
     await queue.bind(exchange, routing_key="customers.*")
     return Topology(exchange, queue, dead_exchange, dead_queue)
+
+
+async def until_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:
+    """Return when the connection or the channel closes, whichever first.
+
+    A dropped link closes the channel; aio-pika resolves connection.closed() only on an
+    explicit close(), so waiting on the connection alone would wait forever.
+    """
+    waiters = [asyncio.ensure_future(connection.closed()), asyncio.ensure_future(channel.closed())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

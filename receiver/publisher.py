@@ -16,7 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, HeadersType
 
 from common.settings import Settings
-from common.topology import amqp_url_with_heartbeat, declare_topology
+from common.topology import amqp_url_with_heartbeat, declare_topology, until_closed
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Publisher:
                 self._channel, self._exchange = channel, topology.exchange
                 log.info("connected to the broker")
                 backoff = 0.1
-                await _until_closed(connection, channel)
+                await until_closed(connection, channel)
                 log.warning("lost the broker connection; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -108,12 +108,3 @@ class Publisher:
                         await asyncio.shield(connection.close())
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
-
-
-async def _until_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:
-    waiters = [asyncio.ensure_future(connection.closed()), asyncio.ensure_future(channel.closed())]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

@@ -1,18 +1,45 @@
-"""Faults: a worker killed with SIGKILL mid-batch loses nothing that was answered 200."""
+"""Faults of a worker: SIGKILL and SIGTERM mid-batch, and a message that kills it every time.
+
+Nothing answered 200 is lost: the customers table ends equal to the fold of every event answered
+200, with no duplicates. For exact timing, tests/proxy.py sits between the worker and Postgres
+and holds the worker's traffic at one point of its transaction while the test kills it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+import signal
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
+import msgspec
 import pytest
 
 from common.settings import Settings
 from tests.conftest import connect_migrated, count_at_least, post, wait_until
+
+# Before the import below: the helpers' asserts get pytest's messages (and no warning).
+pytest.register_assert_rewrite("tests.servers")
+
+from tests.proxy import Proxy  # noqa: E402
+from tests.servers import (  # noqa: E402
+    Procs,
+    Sender,
+    assert_serving,
+    assert_table_matches,
+    dead_letters,
+    make_record,
+    port_of,
+    start_proxy,
+    with_port,
+)
+
+pytest_plugins = ["tests.servers"]
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 SHOP = "kill-shop"
@@ -149,3 +176,193 @@ async def _send_all(
         payload = {"project_name": SHOP, "customers": chunk}
         while (await post(http, url, event, payload))[0] != 200:  # noqa: ASYNC110 - a sender's retry
             await asyncio.sleep(0.1)
+
+
+# Where the proxy between the worker and Postgres stops the worker's transaction for the kill:
+# (direction, bytes that chunk holds, the state Postgres must show for the worker's session).
+PHASES = {
+    # BEGIN written by the worker, not yet received by Postgres: nothing begun.
+    "before": ("up", b"BEGIN", "idle"),
+    # The upsert executed, COMMIT not yet received: an open transaction.
+    "during": ("up", b"COMMIT", "idle in transaction"),
+    # Postgres committed; its CommandComplete "COMMIT" has not reached the worker, which
+    # therefore has not acked: RabbitMQ delivers the batch again.
+    "after": ("down", b"COMMIT\x00", "idle"),
+}
+
+
+async def worker_sessions(dsn: str) -> list[str]:
+    """The states of the other sessions on the test database (the worker's pool)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT state FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return sorted(r["state"] for r in rows)
+
+
+async def worker_behind_proxy(settings: Settings, proxies: list[Proxy]) -> tuple[Proxy, Settings]:
+    pg = await start_proxy(proxies, "127.0.0.1", port_of(settings.database_url))
+    return pg, replace(settings, database_url=with_port(settings.database_url, pg.port))
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("phase", PHASES)
+async def test_sigkill_worker_at_a_point_of_its_transaction(
+    phase: str, settings: Settings, procs: Procs, proxies: list[Proxy]
+) -> None:
+    pg, through_proxy = await worker_behind_proxy(settings, proxies)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(through_proxy)
+    direction, marker, state = PHASES[phase]
+    async with Sender(receiver.url) as sender:
+        await sender.wait_ok(20)
+        pg.hold_when(lambda d, data: d == direction and marker in data)
+        await asyncio.wait_for(pg.held.wait(), 10)
+        sessions = await worker_sessions(settings.database_url)
+        worker.popen.kill()  # SIGKILL: no chance to finish, ack or close anything
+        await worker.wait()
+        pg.cut()  # Postgres sees the dead worker's connections go
+        pg.release()
+        assert state in sessions, sessions
+        if phase != "during":
+            assert "idle in transaction" not in sessions, sessions
+        worker = await procs.worker(through_proxy)
+        await sender.wait_ok(40)
+        await sender.stop()
+    await assert_table_matches(settings.database_url, sender.oracle, logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_sigterm_worker_mid_transaction_finishes_its_batch(
+    settings: Settings, procs: Procs, proxies: list[Proxy]
+) -> None:
+    # SIGTERM while a batch is inside its transaction: the worker commits it, acks it, finishes
+    # what it was already sent, and exits 0 within the grace period; a new worker takes the rest.
+    pg, through_proxy = await worker_behind_proxy(settings, proxies)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(through_proxy)
+    async with Sender(receiver.url, concurrency=6) as sender:
+        await sender.wait_ok(20)
+        pg.hold_when(lambda d, data: d == "up" and b"COMMIT" in data)
+        await asyncio.wait_for(pg.held.wait(), 10)
+        worker.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # the signal lands while the transaction is open
+        pg.release()
+        code = await worker.wait(settings.shutdown_grace + 5)
+        assert code == 0, worker.output()[-3000:]
+        assert "worker stopped" in worker.output()
+        worker = await procs.worker(through_proxy)
+        await sender.wait_ok(40)
+        await sender.stop()
+    await assert_table_matches(settings.database_url, sender.oracle, logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_message_that_kills_its_worker_every_time_is_dead_lettered(
+    settings: Settings, procs: Procs, proxies: list[Proxy]
+) -> None:
+    # A message that crashes any worker that takes it (here: the worker is SIGKILLed whenever
+    # it starts writing the poison's batch, as an out-of-memory kill would) must end in the
+    # dead-letter queue once the delivery limit is reached, with RabbitMQ's reason, and the
+    # steady traffic around it must all land.
+    limit = 2
+    settings = replace(settings, delivery_limit=limit)
+    pg, through_proxy = await worker_behind_proxy(settings, proxies)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(through_proxy)
+
+    def poison_written(direction: str, data: bytes) -> bool:
+        return direction == "up" and b"poison-shop" in data
+
+    async with Sender(receiver.url) as sender:
+        await sender.wait_ok(20)
+        pg.hold_when(poison_written)
+        poison = {"project_name": "poison-shop", "customers": [make_record("create", 1, 0)]}
+        status, _ = await sender.post("create", poison)
+        assert status == 200
+        for _ in range(limit + 1):  # first delivery, then one per allowed redelivery
+            await asyncio.wait_for(pg.held.wait(), 15)
+            worker.popen.kill()
+            await worker.wait()
+            pg.cut()
+            pg.release()
+            pg.hold_when(poison_written)
+            worker = await procs.worker(through_proxy)
+
+        async def dead() -> list[tuple[dict[str, Any], bytes]]:
+            return await dead_letters(settings.amqp_url)
+
+        parked = await wait_until(dead, timeout=15)
+        await sender.wait_ok(40)
+        await sender.stop()
+    assert not pg.held.is_set(), "the poison was delivered again after the limit"
+    shops = [headers.get("x-project-name") for headers, _ in parked]
+    # Messages that only shared a worker with the poison were answered 200: they must land.
+    await assert_table_matches(
+        settings.database_url,
+        sender.oracle,
+        timeout=5,
+        logs=f"dead-lettered messages by shop: {shops}",
+    )
+    assert shops == ["poison-shop"], f"dead-lettered: {shops}"
+    headers, body = parked[0]
+    assert "delivery_limit" in str(headers.get("x-death")), headers
+    assert msgspec.json.decode(body) == poison
+    await assert_serving(receiver, worker)
+
+
+async def test_the_proxy_modes() -> None:
+    # The fault tests lean on tests/proxy.py: each mode does what it says.
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Proxy("127.0.0.1", port) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"a")
+            assert await reader.read(10) == b"a"
+            proxy.slow(0.2)
+            started = asyncio.get_running_loop().time()
+            writer.write(b"b")
+            assert await reader.read(10) == b"b"
+            assert asyncio.get_running_loop().time() - started >= 0.4  # both ways
+            proxy.blackhole()
+            writer.write(b"c")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(10), 0.3)
+            proxy.passthrough()  # bytes were lost: the stream cannot go on, it is reset
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(10), 1)
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            proxy.hold_when(lambda direction, data: direction == "down" and b"d" in data)
+            writer.write(b"d")
+            await asyncio.wait_for(proxy.held.wait(), 1)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(10), 0.2)
+            proxy.release()
+            assert await reader.read(10) == b"d"
+            proxy.cut()
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(10), 1)
+            writer.close()
+            proxy.reset()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(10), 1)
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

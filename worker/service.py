@@ -27,7 +27,7 @@ from common import schema
 from common.deadletters import open_dead_letters
 from common.metrics import LATENCY_BUCKETS
 from common.settings import Settings
-from common.topology import Topology, amqp_url_with_heartbeat, declare_topology
+from common.topology import Topology, amqp_url_with_heartbeat, declare_topology, until_closed
 from worker.fold import Row, decode_payload, fold
 from worker.store import (
     RETENTION_LOCK,
@@ -103,6 +103,45 @@ class WorkerMetrics:
         )
 
 
+class Subscription:
+    """The worker's consumer, cautious (prefetch 1) or normal (WORKER_PREFETCH)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        channel: AbstractChannel,
+        inbox: asyncio.Queue[AbstractIncomingMessage],
+        prefetch: int,
+    ) -> None:
+        self.topology, self.channel, self._inbox = topology, channel, inbox
+        self._prefetch = prefetch
+        self._tag: str | None = None
+        self._cautious: bool | None = None
+
+    async def start(self, *, cautious: bool) -> None:
+        """Consume with the prefetch of the mode; a no-op when already in that mode.
+
+        RabbitMQ applies a new prefetch only to consumers started after it (and quorum queues
+        have no channel-wide prefetch), so changing it means cancelling and consuming again.
+        Deliveries already made stay ours, unacked, in the inbox.
+        """
+        if cautious == self._cautious:
+            return
+        await self.stop()
+        # The prefetch bounds what RabbitMQ pushes ahead of our acks: memory follows it, not
+        # the backlog. Normally it holds more than a batch, so the next arrives during a COMMIT.
+        await self.channel.set_qos(prefetch_count=1 if cautious else self._prefetch)
+        self._tag = await self.topology.queue.consume(self._inbox.put)
+        self._cautious = cautious
+
+    async def stop(self) -> None:
+        """No new deliveries (nothing to cancel on a channel that is already gone)."""
+        if self._tag is not None and not self.channel.is_closed:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                await self.topology.queue.cancel(self._tag)
+        self._tag = None
+
+
 @dataclass(slots=True)
 class Decoded:
     """A message's records, ready to fold."""
@@ -172,7 +211,12 @@ class Worker:
                 try:
                     await self._consume()
                     backoff = 0.1
-                except (ConnectionLost, aiormq.exceptions.AMQPError, OSError) as exc:
+                except (
+                    ConnectionLost,
+                    aiormq.exceptions.AMQPError,
+                    aiormq.exceptions.ChannelInvalidStateError,
+                    OSError,
+                ) as exc:
                     log.warning(
                         "broker connection lost: %s %s; reconnecting", type(exc).__name__, exc
                     )
@@ -242,24 +286,24 @@ class Worker:
         try:
             # Confirms on this channel are for the dead-letter copies the worker publishes.
             channel = await connection.channel(publisher_confirms=True)
-            # Bounds what RabbitMQ pushes ahead of our acks, so memory follows the prefetch,
-            # not the backlog. It should hold more than one batch, so the next one arrives while
-            # this one commits.
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
             topology = await declare_topology(channel, self.settings)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            consumer_tag = await topology.queue.consume(inbox.put)
+            # Cautious first: a message redelivered to us may be one that crashed a worker.
+            subscription = Subscription(topology, channel, inbox, self.settings.prefetch)
+            await subscription.start(cautious=True)
             self._set_consuming(True)
             log.info("consuming", extra={"queue": topology.queue.name})
-            closed: asyncio.Future[Any] = asyncio.ensure_future(connection.closed())
+            # The channel closes when the link drops; aio-pika resolves connection.closed() only
+            # on an explicit close, so wait for either.
+            closed: asyncio.Future[Any] = asyncio.ensure_future(until_closed(connection, channel))
             try:
                 while not self._stopping.is_set():
                     batch = await self._collect(inbox, closed)
                     if batch:
-                        await self._process(batch, topology, channel)
+                        await self._process_fresh_then_suspects(batch, subscription)
                 # No new deliveries; what RabbitMQ already sent is finished, not bounced back.
-                await topology.queue.cancel(consumer_tag)
-                while not inbox.empty():
+                await subscription.stop()
+                while not inbox.empty() and not channel.is_closed:
                     await self._process(self._take(inbox, []), topology, channel)
             finally:
                 closed.cancel()
@@ -267,6 +311,24 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def _process_fresh_then_suspects(
+        self, batch: list[AbstractIncomingMessage], subscription: Subscription
+    ) -> None:
+        """Commit first-time deliveries together; redelivered ones one per transaction.
+
+        A redelivered message may be one that crashed a worker (killed it, not raised): it must
+        not take its batch-mates down again and again until the delivery limit dead-letters
+        them all with it. So while redeliveries come, the prefetch is 1 and each is alone; the
+        first first-time delivery restores the normal prefetch.
+        """
+        fresh = [m for m in batch if not m.redelivered]
+        suspects = [m for m in batch if m.redelivered]
+        await subscription.start(cautious=bool(suspects))
+        if fresh:
+            await self._process(fresh, subscription.topology, subscription.channel)
+        for message in suspects:
+            await self._process([message], subscription.topology, subscription.channel)
 
     def _set_consuming(self, value: bool) -> None:
         self.consuming = value

@@ -1,0 +1,195 @@
+"""Broker faults under load, on a private RabbitMQ node: nothing answered 200 is ever lost.
+
+The receiver and a worker run as processes (through tests/proxy.py where the link itself is the
+fault). A sender retries every non-200 like Upgates; at the end the customers table must equal
+the fold of every event answered 200, and both processes must still be serving. The node is the
+tests' own, so restarting it or raising its memory alarm disturbs nobody else's tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+from common.topology import QUEUE
+
+# Before the import below: the helpers' asserts get pytest's messages (and no warning).
+pytest.register_assert_rewrite("tests.servers")
+
+from tests.conftest import wait_until  # noqa: E402
+from tests.proxy import Proxy  # noqa: E402
+from tests.servers import (  # noqa: E402
+    PrivateRabbit,
+    Procs,
+    Sender,
+    assert_serving,
+    assert_table_matches,
+    make_record,
+    queue_depth,
+    service_settings,
+    start_proxy,
+)
+
+pytest_plugins = ["tests.servers"]
+
+
+@pytest.fixture
+async def broker(rabbit: PrivateRabbit, proxies: list[Proxy]) -> Proxy:
+    """A proxy in front of the private node; the services connect through it."""
+    return await start_proxy(proxies, "127.0.0.1", rabbit.port)
+
+
+def amqp_via(proxy: Proxy) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+
+
+@pytest.mark.fault
+async def test_broker_restart_under_load(
+    rabbit: PrivateRabbit, broker: Proxy, database: str, procs: Procs
+) -> None:
+    settings = service_settings(amqp_via(broker), database)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(settings)
+    async with Sender(receiver.url) as sender:
+        await sender.wait_ok(30)
+        await rabbit.stop_app()
+        await asyncio.sleep(1.5)  # down: 503s, and the worker reconnects in vain
+        await rabbit.start_app()
+        await sender.wait_ok(60, timeout=40)
+        await sender.stop()
+    assert sender.stats.statuses[503] > 0, sender.stats.summary()
+    await assert_table_matches(database, sender.oracle, logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_broker_connection_blackholed_then_back(
+    broker: Proxy, database: str, procs: Procs
+) -> None:
+    # A partition: connections stay open but nothing gets through (both services' publishes,
+    # confirms, deliveries, acks and heartbeats vanish). The receiver must keep answering in
+    # time (503: its publish deadline), and when the link is back everything resumes.
+    settings = service_settings(amqp_via(broker), database)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(settings)
+    async with Sender(receiver.url) as sender:
+        await sender.wait_ok(30)
+        broker.blackhole()
+        before = sender.stats.statuses[503]
+        await asyncio.sleep(3)
+        during = sender.stats.statuses[503] - before
+        broker.passthrough()
+        await sender.wait_ok(60, timeout=40)
+        await sender.stop()
+    stats = sender.stats
+    assert during > 0, stats.summary()
+    # Upgates gives up after 1 s: every answer must come before that, 503s included.
+    assert (stats.errors["timeout"], stats.slow_503) == (0, 0), stats.summary()
+    assert broker.discarded > 0
+    await assert_table_matches(database, sender.oracle, logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_memory_alarm_gives_fast_503_then_200_again(
+    rabbit: PrivateRabbit, broker: Proxy, database: str, procs: Procs
+) -> None:
+    settings = service_settings(amqp_via(broker), database)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(settings)
+    async with Sender(receiver.url) as sender:
+        await sender.wait_ok(30)
+        await rabbit.memory_alarm(True)
+        try:
+            assert "memory" in await rabbit.alarms()
+            # Probes in a shop of their own: a 503 may still be stored once the alarm clears.
+            probes = []
+            for n in range(8):
+                payload = {
+                    "project_name": "probe-shop",
+                    "customers": [make_record("create", n + 1, 0)],
+                }
+                status, took = await sender.post("create", payload)
+                probes.append((status, round(took, 3)))
+            answered_while_blocked = sender.stats.statuses[503]
+        finally:
+            await rabbit.memory_alarm(False)
+        await sender.wait_ok(60, timeout=40)
+        await sender.stop()
+    assert all(status == 503 and took < 1.0 for status, took in probes), probes
+    assert answered_while_blocked > 0
+    assert (sender.stats.errors["timeout"], sender.stats.slow_503) == (0, 0), sender.stats.summary()
+    await assert_table_matches(database, sender.oracle, logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_queue_full_is_503_never_loss(
+    rabbit: PrivateRabbit, database: str, procs: Procs
+) -> None:
+    # No worker yet: the queue fills to its limit and RabbitMQ rejects further publishes
+    # (reject-publish); the receiver must answer 503 for those, and 200 only for stored ones.
+    limit = 15
+    settings = service_settings(rabbit.url, database, queue_max_length=limit)
+    receiver = await procs.receiver(settings)
+    async with Sender(receiver.url) as sender:
+
+        async def rejecting() -> bool:
+            return sender.stats.statuses[503] >= 20
+
+        await wait_until(rejecting, timeout=20)
+        # Every 200 is in the queue and nothing else is: the 503s were not stored. (A quorum
+        # queue checks its limit a little late, so it may take a message or two beyond it.)
+        accepted = sender.stats.ok
+        assert limit <= accepted <= limit + 4, sender.stats.summary()
+        assert await queue_depth(rabbit.url, QUEUE) == accepted
+        worker = await procs.worker(settings)
+        await sender.wait_ok(60, timeout=40)
+        await sender.stop()
+    assert sender.stats.slow_503 == 0, sender.stats.summary()
+    await assert_table_matches(database, sender.oracle, logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_broker_restart_while_the_worker_is_idle(
+    rabbit: PrivateRabbit, database: str, procs: Procs
+) -> None:
+    # A plain restart (no proxy), at a moment when the worker has nothing in hand: it must
+    # notice the lost connection by itself, reconnect and consume what comes next.
+    settings = service_settings(rabbit.url, database)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(settings)
+    async with Sender(receiver.url, shop="before-restart") as before:
+        await before.wait_ok(10)
+        await before.stop()
+    await assert_table_matches(database, before.oracle, shop="before-restart")
+    await rabbit.stop_app()
+    await rabbit.start_app()
+    async with Sender(receiver.url, shop="after-restart") as after:
+        await after.wait_ok(20, timeout=20)
+        await after.stop()
+    await assert_table_matches(database, after.oracle, shop="after-restart", logs=procs.logs())
+    await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_sigterm_while_the_broker_is_down_exits_cleanly(
+    rabbit: PrivateRabbit, database: str, procs: Procs
+) -> None:
+    # An operator stops the services during a broker outage: both must still stop cleanly
+    # (exit 0, within the grace period), not crash on the dead connection.
+    settings = service_settings(rabbit.url, database)
+    receiver = await procs.receiver(settings)
+    worker = await procs.worker(settings)
+    async with Sender(receiver.url) as sender:
+        await sender.wait_ok(10)
+        await sender.stop()
+    await rabbit.stop_app()
+    await asyncio.sleep(0.5)
+    for proc in (receiver, worker):
+        proc.signal(signal.SIGTERM)
+    codes = [await proc.wait(settings.shutdown_grace + 5) for proc in (receiver, worker)]
+    assert codes == [0, 0], procs.logs()
