@@ -283,6 +283,7 @@ async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.close()
+    log.info("receiver stopped")
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -26,6 +26,7 @@ from tests.servers import (  # noqa: E402
     Sender,
     assert_serving,
     assert_table_matches,
+    http_status,
     make_record,
     queue_depth,
     service_settings,
@@ -193,3 +194,29 @@ async def test_sigterm_while_the_broker_is_down_exits_cleanly(
         proc.signal(signal.SIGTERM)
     codes = [await proc.wait(settings.shutdown_grace + 5) for proc in (receiver, worker)]
     assert codes == [0, 0], procs.logs()
+
+
+@pytest.mark.fault
+async def test_worker_reconnects_at_once_after_many_link_cuts(
+    broker: Proxy, database: str, procs: Procs
+) -> None:
+    # The reconnect backoff must start anew after each outage: a worker that has been through
+    # many short blips still comes back within a moment of the next one.
+    settings = service_settings(amqp_via(broker), database)
+    worker = await procs.worker(settings)
+    recoveries = []
+    for _ in range(8):
+        broker.cut()
+        started = asyncio.get_running_loop().time()
+        await wait_until(lambda: _not_ready(worker.url), timeout=10, interval=0.02)
+        await wait_until(lambda: _ready(worker.url), timeout=10, interval=0.02)
+        recoveries.append(asyncio.get_running_loop().time() - started)
+    assert max(recoveries[-3:]) < 2.0, recoveries
+
+
+async def _ready(url: str) -> bool:
+    return await http_status(f"{url}/readyz") == 200
+
+
+async def _not_ready(url: str) -> bool:
+    return await http_status(f"{url}/readyz") != 200

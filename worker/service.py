@@ -191,6 +191,7 @@ class Worker:
     pool: asyncpg.Pool | None = None
     consuming: bool = False
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _sessions: int = 0  # broker sessions that reached "consuming"
     _stop_deadline: float = 0.0
 
     def stop(self) -> None:
@@ -208,21 +209,22 @@ class Worker:
             retention = asyncio.create_task(self._keep_retention(), name="retention")
             backoff = 0.1
             while not self._stopping.is_set():
+                sessions = self._sessions
                 try:
                     await self._consume()
-                    backoff = 0.1
                 except (
                     ConnectionLost,
                     aiormq.exceptions.AMQPError,
                     aiormq.exceptions.ChannelInvalidStateError,
                     OSError,
                 ) as exc:
-                    log.warning(
-                        "broker connection lost: %s %s; reconnecting", type(exc).__name__, exc
-                    )
+                    reason = f"{type(exc).__name__} {exc}".strip()
+                    log.warning("broker connection lost: %s; reconnecting", reason)
                 except Abandoned:
                     log.warning("shutdown grace over: the batch in hand will be redelivered")
                     break
+                if self._sessions != sessions:
+                    backoff = 0.1  # it had been consuming: a new outage starts the backoff anew
                 if not self._stopping.is_set():
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -291,6 +293,7 @@ class Worker:
             # Cautious first: a message redelivered to us may be one that crashed a worker.
             subscription = Subscription(topology, channel, inbox, self.settings.prefetch)
             await subscription.start(cautious=True)
+            self._sessions += 1
             self._set_consuming(True)
             log.info("consuming", extra={"queue": topology.queue.name})
             # The channel closes when the link drops; aio-pika resolves connection.closed() only
