@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -12,6 +13,15 @@ from common.settings import SettingsError, load_settings, require_token
 from receiver.app import create_app
 
 log = logging.getLogger("receiver")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it exists (not on Windows): the same code, less CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def main() -> None:
@@ -36,6 +46,7 @@ def main() -> None:
         print=None,
         shutdown_timeout=5,
         reuse_port=True,
+        loop=new_event_loop(),
     )
 
 

@@ -36,6 +36,15 @@ async def serve(settings: Settings) -> None:
     log.info("worker stopped")
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it exists (not on Windows): the same code, less CPU per message."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main() -> None:
     """Run a worker."""
     try:
@@ -44,7 +53,8 @@ def main() -> None:
         print(f"worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(settings))
 
 
 if __name__ == "__main__":

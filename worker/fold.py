@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any, cast, get_type_hints
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -131,45 +132,47 @@ def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Ro
         return Rejected(event, f"invalid record: {exc}", _as_text(raw), position)
     except UnicodeDecodeError:
         return Rejected(event, "invalid record: text is not valid UTF-8", _as_text(raw), position)
+    result = _row(project, event, record)
+    if isinstance(result, str):
+        return Rejected(event, result, _as_text(raw), position)
+    return result
+
+
+def _row(project: str, event: str, record: schema.CustomerRecord) -> Row | str:
+    """A decoded record as a row, or the reason it cannot be used."""
     field = schema.TIME_FIELD[event]
     text = getattr(record, field)
     code = str(record.code) if isinstance(record.code, int) else record.code
-    reason = None
-    if not BIGINT_MIN <= record.customer_id <= BIGINT_MAX:
-        reason = "customer_id is outside the bigint range"
-    elif text is None:
-        reason = f"missing {field}"
-    elif not _storable(record.email) or not _storable(code):
-        reason = "email or code holds text Postgres cannot store (NUL byte or invalid text)"
-    else:
-        try:
-            at = parse_time(text)
-        except (ValueError, OverflowError):  # OverflowError: year 1 minus an offset, and such
-            reason = f"unparseable {field}"
-    if reason is not None:
-        return Rejected(event, reason, _as_text(raw), position)
+    customer_id = record.customer_id
+    if not BIGINT_MIN <= customer_id <= BIGINT_MAX:
+        return "customer_id is outside the bigint range"
+    if text is None:
+        return f"missing {field}"
+    email = record.email
+    if not _storable(email) or not _storable(code):
+        return "email or code holds text Postgres cannot store (NUL byte or invalid text)"
+    try:
+        at = parse_time(text)
+    except (ValueError, OverflowError):  # OverflowError: year 1 minus an offset, and such
+        return f"unparseable {field}"
 
     rank = RANK[event]
-    email = None if event == "delete" else record.email  # a delete erases personal data
-    carries_status = record.active_yn is not None or record.blocked_yn is not None
-    fp = fingerprint(email, code, record.active_yn, record.blocked_yn)
+    if event == "delete":
+        email = None  # a delete erases personal data
+    active, blocked = record.active_yn, record.blocked_yn
+    fp = fingerprint(email, code, active, blocked)
+    # Positional arguments: this runs for every record, and keywords cost twice as much.
+    if active is not None or blocked is not None:  # the event carries the status
+        return Row(
+            project, customer_id, email, code, at if event == "delete" else None,
+            at, rank, fp, active, blocked, at, rank, fp,
+            at if event == "create" else None, at if event == "update" else None,
+        )  # fmt: skip
     return Row(
-        project_name=project,
-        customer_id=record.customer_id,
-        email=email,
-        code=code,
-        deleted_at=at if event == "delete" else None,
-        version_at=at,
-        version_rank=rank,
-        version_fp=fp,
-        active_yn=record.active_yn,
-        blocked_yn=record.blocked_yn,
-        status_at=at if carries_status else None,
-        status_rank=rank if carries_status else None,
-        status_fp=fp if carries_status else None,
-        created_at=at if event == "create" else None,
-        updated_at=at if event == "update" else None,
-    )
+        project, customer_id, email, code, at if event == "delete" else None,
+        at, rank, fp, active, blocked, None, None, None,
+        at if event == "create" else None, at if event == "update" else None,
+    )  # fmt: skip
 
 
 def _as_text(raw: bytes) -> str:
@@ -177,12 +180,39 @@ def _as_text(raw: bytes) -> str:
     return bytes(raw).decode("utf-8", "replace").replace("\x00", "\\u0000")
 
 
+def _bulk_type() -> type[msgspec.Struct]:
+    """The envelope with its records decoded in one pass (the common case: all of them valid)."""
+    hints = get_type_hints(schema.Envelope, include_extras=True)
+    fields = [
+        (name, list[schema.CustomerRecord] if name == "customers" else hints[name])
+        for name in schema.Envelope.__struct_fields__
+    ]
+    return msgspec.defstruct("BulkEnvelope", fields)
+
+
+# strict=False as record_decoder: it only widens string-to-number/bool coercions, which the
+# envelope's own fields (text, a list) do not take.
+_bulk_decoder = msgspec.json.Decoder(_bulk_type(), strict=False)
+
+
 def decode_payload(event: str, body: bytes) -> tuple[str, list[Row], list[Rejected]]:
     """A webhook body as (project_name, usable rows, rejected records).
 
     Raises msgspec.DecodeError/ValidationError when the body is not an envelope at all: such a
     message did not come through the receiver, and is dead-lettered as a whole.
+
+    The whole body is decoded in one pass first; only when that fails, or a record is
+    unusable, is it decoded record by record, so that a rejected record is kept as it was sent.
     """
+    try:
+        bulk: Any = _bulk_decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        pass
+    else:
+        project: str = bulk.project_name
+        fast = [_row(project, event, record) for record in bulk.customers]
+        if not any(isinstance(result, str) for result in fast):
+            return project, cast(list[Row], fast), []
     envelope = schema.envelope_decoder.decode(body)
     rows: list[Row] = []
     rejected: list[Rejected] = []
@@ -196,13 +226,21 @@ def decode_payload(event: str, body: bytes) -> tuple[str, list[Row], list[Reject
 
 
 def fold(rows: list[Row]) -> list[Row]:
-    """One row per (project_name, customer_id), in key order (the order the batch is written in)."""
+    """One row per (project_name, customer_id), in key order (the order the batch is written in).
+
+    A row that needs no merging is returned as given; one that does is copied first, so the
+    caller's rows never change.
+    """
     folded: dict[tuple[str, int], Row] = {}
+    copied: set[tuple[str, int]] = set()
     for row in rows:
         key = (row.project_name, row.customer_id)
         current = folded.get(key)
         if current is None:
-            folded[key] = replace(row)  # a copy: merging must not change the caller's row
-        else:
-            current.merge(row)
+            folded[key] = row
+            continue
+        if key not in copied:
+            current = folded[key] = replace(current)
+            copied.add(key)
+        current.merge(row)
     return [folded[key] for key in sorted(folded)]

@@ -30,15 +30,47 @@ _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
       (EXCLUDED.status_at, EXCLUDED.status_rank, EXCLUDED.status_fp)
     > (c.status_at, c.status_rank, c.status_fp)))"""
 
-# Built from the constant fragments above only; the data travels as parameters.
+# A batch's rows are COPY'd into this session-local table, then upserted from it in one
+# statement. Binary COPY costs the worker half the CPU of binding 15 arrays (asyncpg checks every
+# array element), and the server less too. The table lives as long as the connection; its rows
+# go at COMMIT or ROLLBACK, so a retried batch starts empty.
+#
+# Encoding a datetime is most of COPY's cost, and a row from one event holds the same time up to
+# three times (version_at, status_at and one of created_at/updated_at/deleted_at), so a time that
+# *is* version_at travels once: a bit in `same` says so and its own column is NULL.
+BATCH_TABLE = "customer_batch"
+BATCH_COLUMNS = (
+    "project_name", "customer_id", "email", "code", "version_at", "version_rank", "version_fp",
+    "active_yn", "blocked_yn", "status_rank", "status_fp", "same",
+    "status_at", "created_at", "updated_at", "deleted_at",
+)  # fmt: skip
+SAME_STATUS, SAME_CREATED, SAME_UPDATED, SAME_DELETED = 1, 2, 4, 8
+CREATE_BATCH_TABLE = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
+    project_name text, customer_id bigint, email text, code text,
+    version_at timestamptz, version_rank smallint, version_fp bytea,
+    active_yn boolean, blocked_yn boolean, status_rank smallint, status_fp bytea, same smallint,
+    status_at timestamptz, created_at timestamptz, updated_at timestamptz, deleted_at timestamptz
+) ON COMMIT DELETE ROWS
+"""
+
+
+def _same(column: str, bit: int) -> str:
+    return f"CASE WHEN same & {bit} <> 0 THEN version_at ELSE {column} END"
+
+
+# Built from the constant fragments above only; the data travels through COPY.
+# A temporary table has no index and is never scanned in parallel: the SELECT reads it in the
+# order it was written, which is key order, so concurrent workers lock rows in one global order.
 UPSERT = f"""
 INSERT INTO customers AS c (
     project_name, customer_id, email, code, deleted_at, version_at, version_rank, version_fp,
     active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at)
-SELECT * FROM unnest(
-    $1::text[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-    $7::smallint[], $8::bytea[], $9::boolean[], $10::boolean[], $11::timestamptz[],
-    $12::smallint[], $13::bytea[], $14::timestamptz[], $15::timestamptz[])
+SELECT project_name, customer_id, email, code, {_same("deleted_at", SAME_DELETED)},
+    version_at, version_rank, version_fp, active_yn, blocked_yn,
+    {_same("status_at", SAME_STATUS)}, status_rank, status_fp,
+    {_same("created_at", SAME_CREATED)}, {_same("updated_at", SAME_UPDATED)}
+FROM pg_temp.{BATCH_TABLE}
 ON CONFLICT (project_name, customer_id) DO UPDATE SET
     email        = CASE WHEN {_NEWER} THEN EXCLUDED.email ELSE c.email END,
     code         = CASE WHEN {_NEWER} THEN EXCLUDED.code ELSE c.code END,
@@ -120,24 +152,11 @@ async def write_batch(pool: asyncpg.Pool, rows: list[Row], rejected: list[Reject
     async with pool.acquire() as conn, conn.transaction():
         changed = 0
         if rows:
-            status = await conn.execute(
-                UPSERT,
-                [r.project_name for r in rows],
-                [r.customer_id for r in rows],
-                [r.email for r in rows],
-                [r.code for r in rows],
-                [r.deleted_at for r in rows],
-                [r.version_at for r in rows],
-                [r.version_rank for r in rows],
-                [r.version_fp for r in rows],
-                [r.active_yn for r in rows],
-                [r.blocked_yn for r in rows],
-                [r.status_at for r in rows],
-                [r.status_rank for r in rows],
-                [r.status_fp for r in rows],
-                [r.created_at for r in rows],
-                [r.updated_at for r in rows],
+            await conn.execute(CREATE_BATCH_TABLE)
+            await conn.copy_records_to_table(
+                BATCH_TABLE, schema_name="pg_temp", columns=BATCH_COLUMNS, records=_batch(rows)
             )
+            status = await conn.execute(UPSERT)
             changed = int(status.rsplit(" ", 1)[-1])
         if rejected:
             await conn.execute(
@@ -151,6 +170,30 @@ async def write_batch(pool: asyncpg.Pool, rows: list[Row], rejected: list[Reject
                 [r.rejected.position for r in rejected],
             )
     return changed
+
+
+def _batch(rows: list[Row]) -> list[tuple[object, ...]]:
+    """The rows as BATCH_COLUMNS tuples (see BATCH_TABLE: each time that is version_at, once)."""
+    records: list[tuple[object, ...]] = []
+    for r in rows:
+        at = r.version_at
+        status = r.status_at is at
+        created = r.created_at is at
+        updated = r.updated_at is at
+        deleted = r.deleted_at is at
+        same = (
+            SAME_STATUS * status + SAME_CREATED * created + SAME_UPDATED * updated
+            + SAME_DELETED * deleted
+        )  # fmt: skip
+        records.append(
+            (
+                r.project_name, r.customer_id, r.email, r.code, at, r.version_rank, r.version_fp,
+                r.active_yn, r.blocked_yn, r.status_rank, r.status_fp, same,
+                None if status else r.status_at, None if created else r.created_at,
+                None if updated else r.updated_at, None if deleted else r.deleted_at,
+            )
+        )  # fmt: skip
+    return records
 
 
 def _migrations() -> list[tuple[int, str, str]]:

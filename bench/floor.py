@@ -1,0 +1,77 @@
+"""The keyed COPY floor: the burst's rows COPY'd by one connection into a table like `customers`.
+
+Same columns, same primary key, same durability (logged, synchronous_commit on), no conflict
+handling and no other work: no pipeline writing those rows can be faster. Each phase (creates,
+then updates) goes into the empty table in one COPY, because COPY cannot write a key twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from bench.data import Payload, rows_of
+
+TABLE = "bench_floor"
+COLUMNS = (
+    "project_name",
+    "customer_id",
+    "email",
+    "code",
+    "deleted_at",
+    "version_at",
+    "version_rank",
+    "version_fp",
+    "active_yn",
+    "blocked_yn",
+    "status_at",
+    "status_rank",
+    "status_fp",
+    "created_at",
+    "updated_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """Records COPY'd and how long the COPYs took."""
+
+    records: int
+    seconds: float
+
+    @property
+    def records_per_s(self) -> float:
+        """The floor's rate."""
+        return self.records / self.seconds if self.seconds else 0.0
+
+
+async def checkpoint(conn: asyncpg.Connection) -> None:
+    """Start each measurement with the same (clean) WAL state, when allowed to."""
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+        await conn.execute("CHECKPOINT")
+
+
+async def measure_floor(dsn: str, payloads: list[Payload]) -> Floor:
+    """COPY each phase's rows (built outside the timing) into an empty keyed table."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        await conn.execute(f"CREATE TABLE {TABLE} (LIKE customers INCLUDING ALL)")
+        records = 0
+        seconds = 0.0
+        for event in ("create", "update"):
+            phase = [p for p in payloads if p.event == event]
+            tuples = [tuple(getattr(row, c) for c in COLUMNS) for row in rows_of(phase)]
+            await conn.execute(f"TRUNCATE {TABLE}")
+            await checkpoint(conn)
+            started = time.perf_counter()
+            await conn.copy_records_to_table(TABLE, records=tuples, columns=COLUMNS)
+            seconds += time.perf_counter() - started
+            records += sum(p.records for p in phase)
+        await conn.execute(f"DROP TABLE {TABLE}")
+    finally:
+        await conn.close()
+    return Floor(records, seconds)

@@ -1,0 +1,148 @@
+"""The results as JSON, a markdown table and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "burst-16": "burst, 16 concurrent",
+    "burst-64": "burst, 64 concurrent",
+    "naive-burst-16": "burst, 16 concurrent",
+    "naive-burst-64": "burst, 64 concurrent",
+    "scale-1-worker": "burst, 16 concurrent",
+    "scale-4-workers": "burst, 16 concurrent",
+    "everyday-64": "everyday, 64 senders",
+    "naive-everyday-64": "everyday, 64 senders",
+}
+
+
+def one_line(result: dict[str, Any]) -> str:
+    """A progress line."""
+    latency = result["latency_ms"]
+    return (
+        f"{result['name']}: {result['accepted']} webhooks, p50 {latency['p50']} ms, "
+        f"p99 {latency['p99']} ms, max {latency['max']} ms, "
+        f">=1s {result['answers_over_1s']}, {result['webhooks_per_s']:,.0f} webhooks/s, "
+        f"e2e {result['e2e_records_per_s']:,.0f} records/s"
+    )
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The table the README shows."""
+    floor = document["floor"]
+    lines = [
+        "| scenario | design | workers | webhooks | not 200 | ack p50 / p99 / max (ms) "
+        "| answers >= 1 s | webhooks/s | end-to-end records/s | x floor | worker peak RSS (MiB) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in document["scenarios"]:
+        latency = r["latency_ms"]
+        ratio = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-"
+        rss = f"{r['worker_peak_rss_mb']:.0f}" if r["worker_peak_rss_mb"] else "-"
+        e2e = _n(r["e2e_records_per_s"])
+        if r["kind"] == "everyday":
+            keep_up = r["e2e_records_per_s"] / r["acked_records_per_s"]
+            e2e = f"{e2e} ({keep_up:.2f} x acked)"
+        lines.append(
+            f"| {LABELS.get(r['name'], r['name'])} | {r['design']} | {r['workers'] or '-'} "
+            f"| {r['accepted']} | {r['requests'] - r['accepted']} "
+            f"| {latency['p50']:.0f} / {latency['p99']:.0f} / "
+            f"{latency['max']:.0f} | {r['answers_over_1s']} | {_n(r['webhooks_per_s'])} "
+            f"| {e2e} | {ratio} | {rss} |"
+        )
+    m = document["machine"]
+    config = document["config"]
+    lines += [
+        "",
+        f"Keyed COPY floor (same run, one connection): **{_n(floor['records_per_s'])} "
+        f"records/s** ({_n(floor['records'])} records in {floor['seconds']:.2f} s).",
+        f"Bursts: {config['payloads_per_burst']} payloads of {config['records_per_payload']} "
+        f"records ({config['mean_payload_bytes'] / 1e6:.1f} MB each) from {config['shops']} shops, "
+        f"creates then updates of the same customers; receivers: {config['receivers']}. "
+        "Answers other than 200 (503: the broker did not confirm within PUBLISH_TIMEOUT) are "
+        "sent again 1 s later and count in the latencies.",
+        f"Machine: {m['cores']} x {m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}, "
+        f"PostgreSQL {m['postgres']}, RabbitMQ {m['rabbitmq']}; all processes on these cores "
+        f"(load average at start {m['load_average_at_start'][0]}). `{document['command']}`, "
+        f"{document['started']}, {m['git']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(document: dict[str, Any], path: Path) -> None:
+    """Throughput against the floor, ack latency, and worker scaling."""
+    import matplotlib  # only needed when writing the chart
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {r["name"]: r for r in document["scenarios"]}
+    floor = document["floor"]["records_per_s"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+
+    bursts = [r for r in document["scenarios"] if r["kind"] == "burst" and r["workers"] != 1]
+    bursts = [r for r in bursts if not r["name"].startswith("scale-")]
+    names = [r["name"] for r in bursts]
+    axes[0].bar(
+        names,
+        [r["e2e_records_per_s"] for r in bursts],
+        color=["tab:blue" if r["design"] == "pipeline" else "tab:gray" for r in bursts],
+    )
+    axes[0].axhline(floor, color="tab:red", linestyle="--", label="keyed COPY floor")
+    axes[0].axhline(floor / 2, color="tab:red", linestyle=":", label="0.5 x floor")
+    axes[0].bar([0], [0], color="tab:blue", label="pipeline (queue)")
+    axes[0].bar([0], [0], color="tab:gray", label="naive (upsert, then answer)")
+    axes[0].set_title("Bursts: end-to-end records/s")
+    axes[0].legend(fontsize=8)
+    axes[0].yaxis.set_major_formatter("{x:,.0f}")
+    axes[0].tick_params(axis="x", labelrotation=20, labelsize=8)
+
+    every = list(document["scenarios"])
+    axes[1].bar(
+        [r["name"] for r in every],
+        [max(r["latency_ms"]["p99"], 0.1) for r in every],
+        color=["tab:blue" if r["design"] == "pipeline" else "tab:gray" for r in every],
+    )
+    axes[1].axhline(1000, color="tab:red", linestyle="--", label="Upgates' 1 s timeout")
+    axes[1].set_yscale("log")
+    axes[1].set_title("Ack latency p99 (ms, log)")
+    axes[1].legend(fontsize=8)
+    axes[1].tick_params(axis="x", labelrotation=35, labelsize=7)
+
+    scaling = [
+        (n, by_name[name]["e2e_records_per_s"])
+        for n, name in ((1, "scale-1-worker"), (2, "burst-16"), (4, "scale-4-workers"))
+        if name in by_name
+    ]
+    axes[2].plot([n for n, _ in scaling], [v for _, v in scaling], marker="o", label="pipeline")
+    axes[2].axhline(floor, color="tab:red", linestyle="--", label="keyed COPY floor")
+    axes[2].set_xticks([1, 2, 4])
+    axes[2].set_xlabel("workers")
+    axes[2].set_title("Scaling: burst records/s (16 concurrent)")
+    axes[2].set_ylim(bottom=0)
+    axes[2].yaxis.set_major_formatter("{x:,.0f}")
+    axes[2].legend(fontsize=8)
+
+    m = document["machine"]
+    fig.suptitle(
+        f"upgates-ingest, {m['cores']} cores ({m['cpu_model']}), Python {m['python']}, "
+        f"PostgreSQL {m['postgres']}, RabbitMQ {m['rabbitmq']} - {document['started']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(document: dict[str, Any], out: Path, stem: str) -> None:
+    """bench/results/<stem>.json, .md and .png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(document))
+    chart(document, out / f"{stem}.png")
