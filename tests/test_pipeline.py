@@ -401,3 +401,25 @@ async def test_a_record_that_is_not_utf8_is_rejected_and_its_neighbours_applied(
     assert (await shop.row(1))["email"] == "ok@example.cz"
     assert await shop.row(2) is None
     assert (await shop.row(3))["email"] == "c@example.cz"
+
+
+async def test_worker_metrics_count_changed_and_stale_rows_by_event(
+    shop: Shop, worker: Worker
+) -> None:
+    await shop.send("update", update(1, 10, email="new@example.cz"))
+    await wait_until(lambda: shop.row(1))
+    await shop.send("update", update(1, 5, email="old@example.cz"))
+    await shop.send("create", create(2, 0), {"customer_id": "x"})
+
+    def sample(name: str, **labels: str) -> float:
+        return worker.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def counted() -> bool:
+        return sample("upgates_worker_rows_total", event="update", outcome="stale") == 1
+
+    await wait_until(counted)
+    await wait_until(lambda: _count(shop.db, 2))
+    assert sample("upgates_worker_rows_total", event="update", outcome="changed") == 1
+    assert sample("upgates_worker_rows_total", event="create", outcome="changed") == 1
+    assert sample("upgates_worker_records_total", event="create", outcome="rejected") == 1
+    assert sample("upgates_worker_records_total", event="update", outcome="accepted") == 2

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import Counter as Tally
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,8 +69,9 @@ class WorkerMetrics:
         )
         self.rows = Counter(
             "upgates_worker_rows",
-            "Folded rows written, by outcome: changed the table, or stale (an older event).",
-            ["outcome"],
+            "Folded rows written, by the event of their newest data and by outcome: changed "
+            "the table, or stale (it already reflected something as new or newer).",
+            ["event", "outcome"],
             registry=r,
         )
         self.batch_messages = Histogram(
@@ -118,6 +120,11 @@ class Subscription:
         self._tag: str | None = None
         self._cautious: bool | None = None
 
+    @property
+    def prefetch(self) -> int:
+        """How many unacked deliveries RabbitMQ sends us at most, in the current mode."""
+        return 1 if self._cautious else self._prefetch
+
     async def start(self, *, cautious: bool) -> None:
         """Consume with the prefetch of the mode; a no-op when already in that mode.
 
@@ -130,9 +137,9 @@ class Subscription:
         await self.stop()
         # The prefetch bounds what RabbitMQ pushes ahead of our acks: memory follows it, not
         # the backlog. Normally it holds more than a batch, so the next arrives during a COMMIT.
-        await self.channel.set_qos(prefetch_count=1 if cautious else self._prefetch)
-        self._tag = await self.topology.queue.consume(self._inbox.put)
         self._cautious = cautious
+        await self.channel.set_qos(prefetch_count=self.prefetch)
+        self._tag = await self.topology.queue.consume(self._inbox.put)
 
     async def stop(self) -> None:
         """No new deliveries (nothing to cancel on a channel that is already gone)."""
@@ -301,7 +308,7 @@ class Worker:
             closed: asyncio.Future[Any] = asyncio.ensure_future(until_closed(connection, channel))
             try:
                 while not self._stopping.is_set():
-                    batch = await self._collect(inbox, closed)
+                    batch = await self._collect(inbox, closed, subscription.prefetch)
                     if batch:
                         await self._process_fresh_then_suspects(batch, subscription)
                 # No new deliveries; what RabbitMQ already sent is finished, not bounced back.
@@ -349,11 +356,16 @@ class Worker:
         return batch
 
     async def _collect(
-        self, inbox: asyncio.Queue[AbstractIncomingMessage], closed: asyncio.Future[Any]
+        self,
+        inbox: asyncio.Queue[AbstractIncomingMessage],
+        closed: asyncio.Future[Any],
+        prefetch: int,
     ) -> list[AbstractIncomingMessage]:
         """Wait for a first message, then gather more for at most batch_max_wait.
 
-        The batch keeps delivery order, so the log and the ack order follow the queue.
+        It stops early at BATCH_MAX_RECORDS, or when it holds all the prefetch lets RabbitMQ
+        send: nothing more can arrive before this batch is acked. The batch keeps delivery
+        order, so the log and the ack order follow the queue.
         """
         batch: list[AbstractIncomingMessage] = []
         if inbox.empty():
@@ -371,7 +383,11 @@ class Worker:
         self._take(inbox, batch)
         records = sum(_record_count(m) for m in batch)
         deadline = time.monotonic() + self.settings.batch_max_wait
-        while records < self.settings.batch_max_records and not self._stopping.is_set():
+        while (
+            records < self.settings.batch_max_records
+            and len(batch) < prefetch
+            and not self._stopping.is_set()
+        ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -399,7 +415,7 @@ class Worker:
         if not decoded:
             return
         try:
-            changed, rows = await self._commit(decoded, channel)
+            rows, changed = await self._commit(decoded, channel)
         except Exception as exc:
             if not is_data_error(exc):
                 raise
@@ -412,14 +428,14 @@ class Worker:
         # left out of the batch, and an ack is only a frame written, not a round trip.
         for item in decoded:
             await _ack(item.message)
-        self._record(decoded, changed, rows, time.perf_counter() - started)
+        self._record(decoded, rows, changed, time.perf_counter() - started)
 
     async def _process_alone(
         self, item: Decoded, topology: Topology, channel: AbstractChannel
     ) -> None:
         started = time.perf_counter()
         try:
-            changed, rows = await self._commit([item], channel)
+            rows, changed = await self._commit([item], channel)
         except Exception as exc:
             if not is_data_error(exc):
                 raise
@@ -428,10 +444,12 @@ class Worker:
             await self._dead_letter(item.message, reason, topology)
             return
         await _ack(item.message)
-        self._record([item], changed, rows, time.perf_counter() - started)
+        self._record([item], rows, changed, time.perf_counter() - started)
 
-    async def _commit(self, decoded: list[Decoded], channel: AbstractChannel) -> tuple[int, int]:
-        """Fold and write the batch; (changed, rows).
+    async def _commit(
+        self, decoded: list[Decoded], channel: AbstractChannel
+    ) -> tuple[list[Row], set[tuple[str, int]]]:
+        """Fold and write the batch; (the folded rows, the keys of those that changed the table).
 
         Every failure but a data error is retried with backoff, for as long as it takes: a
         Postgres restart, a deadlock, but also a dropped table or a revoked permission, which an
@@ -444,7 +462,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                return await write_batch(self.pool, rows, rejected), len(rows)
+                return rows, await write_batch(self.pool, rows, rejected)
             except Exception as exc:
                 if is_data_error(exc):
                     raise
@@ -498,16 +516,23 @@ class Worker:
             },
         )
 
-    def _record(self, decoded: list[Decoded], changed: int, rows: int, took: float) -> None:
+    def _record(
+        self, decoded: list[Decoded], rows: list[Row], changed: set[tuple[str, int]], took: float
+    ) -> None:
         metrics = self.metrics
+        # Each folded row counts under the event its newest data came from.
+        outcomes = Tally(
+            (schema.EVENTS[r.version_rank], (r.project_name, r.customer_id) in changed)
+            for r in rows
+        )
+        for (event, was_changed), count in outcomes.items():
+            metrics.rows.labels(event, "changed" if was_changed else "stale").inc(count)
         records = rejected = 0
         for item in decoded:
             metrics.records.labels(item.event, "accepted").inc(len(item.rows))
             metrics.records.labels(item.event, "rejected").inc(len(item.rejected))
             records += len(item.rows) + len(item.rejected)
             rejected += len(item.rejected)
-        metrics.rows.labels("changed").inc(changed)
-        metrics.rows.labels("stale").inc(rows - changed)
         metrics.batch_messages.observe(len(decoded))
         metrics.batch_seconds.observe(took)
         lag = time.time() - min(item.received_at for item in decoded)
@@ -517,8 +542,8 @@ class Worker:
             extra={
                 "messages": len(decoded),
                 "records": records,
-                "rows": rows,
-                "changed": changed,
+                "rows": len(rows),
+                "changed": len(changed),
                 "rejected": rejected,
                 "shops": sorted({item.project for item in decoded})[:10],
                 "request_ids": [item.request_id for item in decoded][:20],

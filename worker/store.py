@@ -93,6 +93,8 @@ WHERE {_NEWER} OR {_STATUS_NEWER}
    OR (c.updated_at IS NULL AND EXCLUDED.updated_at IS NOT NULL)
 """  # noqa: S608
 
+UPSERT_RETURNING_KEYS = UPSERT + "RETURNING project_name, customer_id"
+
 INSERT_REJECTED = """
 INSERT INTO rejected_records (
     project_name, event, reason, record, received_at, request_id, position)
@@ -143,21 +145,24 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-async def write_batch(pool: asyncpg.Pool, rows: list[Row], rejected: list[RejectedFrom]) -> int:
-    """Write folded rows and rejected records in one transaction; return the rows changed.
+async def write_batch(
+    pool: asyncpg.Pool, rows: list[Row], rejected: list[RejectedFrom]
+) -> set[tuple[str, int]]:
+    """Write folded rows and rejected records in one transaction; the keys of rows it changed.
+
+    A row not changed was stale: the table already reflected something as new or newer.
 
     `rows` must be folded (one per key) and in key order: writing keys in one global order keeps
     concurrent workers from deadlocking (and a deadlock that still happens is retried).
     """
     async with pool.acquire() as conn, conn.transaction():
-        changed = 0
+        changed: set[tuple[str, int]] = set()
         if rows:
             await conn.execute(CREATE_BATCH_TABLE)
             await conn.copy_records_to_table(
                 BATCH_TABLE, schema_name="pg_temp", columns=BATCH_COLUMNS, records=_batch(rows)
             )
-            status = await conn.execute(UPSERT)
-            changed = int(status.rsplit(" ", 1)[-1])
+            changed = {(r[0], r[1]) for r in await conn.fetch(UPSERT_RETURNING_KEYS)}
         if rejected:
             await conn.execute(
                 INSERT_REJECTED,
