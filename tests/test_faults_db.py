@@ -27,6 +27,7 @@ from tests.conftest import wait_until  # noqa: E402
 from tests.proxy import Proxy  # noqa: E402
 from tests.servers import (  # noqa: E402
     PrivatePostgres,
+    Proc,
     Procs,
     Sender,
     assert_serving,
@@ -77,15 +78,10 @@ async def test_postgres_link_blackholed_longer_than_a_batch(
     # The worker's Postgres connections stall (statements and COMMITs vanish, nothing answers)
     # for far longer than a batch takes; then the link is back (the stalled connections reset,
     # as after a partition). Nothing may be acked that did not commit.
-    pg = await start_proxy(proxies, "127.0.0.1", private_postgres.port)
     settings = private_settings
-    through_proxy = service_settings(
-        settings.amqp_url,
-        private_postgres.dsn(settings.database_url.rsplit("/", 1)[1], port=pg.port),
-        receiver_port=settings.receiver_port,
+    pg, receiver, worker = await _start_with_worker_behind_proxy(
+        private_postgres, settings, procs, proxies
     )
-    receiver = await procs.receiver(settings)
-    worker = await procs.worker(through_proxy)
     async with Sender(receiver.url) as sender:
         await sender.wait_ok(30)
         pg.blackhole()
@@ -158,15 +154,10 @@ async def test_postgres_connections_reset_under_load(
 ) -> None:
     # Every connection between the worker and Postgres is reset (RST), and so is every new one
     # for a while, as a firewall or a failing load balancer would do; then the link is back.
-    pg = await start_proxy(proxies, "127.0.0.1", private_postgres.port)
     settings = private_settings
-    through_proxy = service_settings(
-        settings.amqp_url,
-        private_postgres.dsn(settings.database_url.rsplit("/", 1)[1], port=pg.port),
-        receiver_port=settings.receiver_port,
+    pg, receiver, worker = await _start_with_worker_behind_proxy(
+        private_postgres, settings, procs, proxies
     )
-    receiver = await procs.receiver(settings)
-    worker = await procs.worker(through_proxy)
     async with Sender(receiver.url) as sender:
         await sender.wait_ok(30)
         connections = pg.connections
@@ -178,3 +169,16 @@ async def test_postgres_connections_reset_under_load(
     assert pg.connections > connections  # the worker tried again meanwhile
     await assert_table_matches(settings.database_url, sender.oracle, logs=procs.logs())
     await assert_serving(receiver, worker)
+
+
+async def _start_with_worker_behind_proxy(
+    private_postgres: PrivatePostgres, settings: Settings, procs: Procs, proxies: list[Proxy]
+) -> tuple[Proxy, Proc, Proc]:
+    """A receiver, and a worker whose Postgres connections go through a proxy; (proxy, both)."""
+    pg = await start_proxy(proxies, "127.0.0.1", private_postgres.port)
+    through_proxy = service_settings(
+        settings.amqp_url,
+        private_postgres.dsn(settings.database_url.rsplit("/", 1)[1], port=pg.port),
+        receiver_port=settings.receiver_port,
+    )
+    return pg, await procs.receiver(settings), await procs.worker(through_proxy)
