@@ -284,7 +284,8 @@ class Worker:
                     command_timeout=60,
                 )
                 return
-            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # InterfaceError: the connection dropped mid-way (Postgres restarting).
                 log.warning("cannot reach Postgres: %s; retrying", type(exc).__name__)
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
