@@ -254,9 +254,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready only while a publish could be confirmed."""
-    if request.app[PUBLISHER].ready:
+    if await request.app[PUBLISHER].can_publish():
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready", "reason": "no broker connection"}, status=503)
+    reason = "broker blocks publishers" if request.app[PUBLISHER].ready else "no broker connection"
+    return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:

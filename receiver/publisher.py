@@ -30,6 +30,7 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
@@ -38,6 +39,18 @@ class Publisher:
     def ready(self) -> bool:
         """True while a confirmed channel with the declared topology is open."""
         return self._channel is not None and not self._channel.is_closed
+
+    async def can_publish(self) -> bool:
+        """Connected, and the broker is not blocking publishers (a memory or disk alarm)."""
+        connection = self._connection
+        if not self.ready or connection is None or connection.transport is None:
+            return False
+        try:
+            # aiormq's ready() waits until the connection is open and not blocked.
+            await asyncio.wait_for(connection.transport.connection.ready(), 0.05)
+        except TimeoutError:
+            return False
+        return True
 
     async def start(self) -> None:
         """Start connecting in the background."""
@@ -91,6 +104,7 @@ class Publisher:
                 )
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 topology = await declare_topology(channel, self._settings)
+                self._connection = connection
                 self._channel, self._exchange = channel, topology.exchange
                 log.info("connected to the broker")
                 backoff = 0.1
@@ -102,7 +116,7 @@ class Publisher:
                 # aiormq's messages name the host, never the password (it censors URLs).
                 log.warning("cannot reach the broker: %s %s; retrying", type(exc).__name__, exc)
             finally:
-                self._channel = self._exchange = None
+                self._connection = self._channel = self._exchange = None
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(connection.close())

@@ -115,12 +115,15 @@ async def test_memory_alarm_gives_fast_503_then_200_again(
                 status, took = await sender.post("create", payload)
                 probes.append((status, round(took, 3)))
             answered_while_blocked = sender.stats.statuses[503]
+            ready_while_blocked = await http_status(f"{receiver.url}/readyz")
         finally:
             await rabbit.memory_alarm(False)
+        await wait_until(lambda: _ready(receiver.url), timeout=20)
         await sender.wait_ok(60, timeout=40)
         await sender.stop()
     assert all(status == 503 and took < 1.0 for status, took in probes), probes
     assert answered_while_blocked > 0
+    assert ready_while_blocked == 503  # /readyz: 200 only when it can publish
     assert (sender.stats.errors["timeout"], sender.stats.slow_503) == (0, 0), sender.stats.summary()
     await assert_table_matches(database, sender.oracle, logs=procs.logs())
     await assert_serving(receiver, worker)
