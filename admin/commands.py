@@ -7,7 +7,8 @@ printed only with --show-personal-data.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,6 +55,15 @@ def _selected(args: argparse.Namespace, letters: list[DeadLetter]) -> list[DeadL
         if named or old:
             chosen.append(letter)
     return chosen
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 def _cutoff(days: float) -> datetime:
@@ -117,8 +127,7 @@ async def dead_purge(settings: Settings, args: argparse.Namespace, out: Out) -> 
 
 async def rejected_list(settings: Settings, args: argparse.Namespace, out: Out) -> int:
     """Counts of rejected records by shop, event and reason, then the newest ones."""
-    conn = await asyncpg.connect(settings.database_url)
-    try:
+    async with _database(settings) as conn:
         rows = await conn.fetch(
             "SELECT project_name, event, reason, count(*) AS n, max(received_at) AS newest"
             " FROM rejected_records WHERE ($1::text IS NULL OR project_name = $1)"
@@ -145,18 +154,13 @@ async def rejected_list(settings: Settings, args: argparse.Namespace, out: Out) 
                 f"  id={r['id']}  {r['received_at'].isoformat(timespec='seconds')}  "
                 f"shop={r['project_name']}  event={r['event']}  reason={r['reason']}"
             )
-    finally:
-        await conn.close()
     return 0
 
 
 async def rejected_show(settings: Settings, args: argparse.Namespace, out: Out) -> int:
     """One rejected record (its data only with --show-personal-data)."""
-    conn = await asyncpg.connect(settings.database_url)
-    try:
+    async with _database(settings) as conn:
         row = await conn.fetchrow("SELECT * FROM rejected_records WHERE id = $1", args.id)
-    finally:
-        await conn.close()
     if row is None:
         out(f"no rejected record with id {args.id}")
         return 1
@@ -168,8 +172,7 @@ async def rejected_show(settings: Settings, args: argparse.Namespace, out: Out) 
 
 async def rejected_purge(settings: Settings, args: argparse.Namespace, out: Out) -> int:
     """Delete rejected records: all, or those older than N days (optionally of one shop)."""
-    conn = await asyncpg.connect(settings.database_url)
-    try:
+    async with _database(settings) as conn:
         before = datetime.now(UTC) if args.all else _cutoff(args.older_than)
         status = await conn.execute(
             "DELETE FROM rejected_records"
@@ -177,8 +180,6 @@ async def rejected_purge(settings: Settings, args: argparse.Namespace, out: Out)
             before,
             args.shop,
         )
-    finally:
-        await conn.close()
     out(f"purged {status.rsplit(' ', 1)[-1]} rejected record(s)")
     return 0
 
