@@ -449,8 +449,8 @@ class Worker:
 
     async def _commit(
         self, decoded: list[Decoded], channel: AbstractChannel
-    ) -> tuple[list[Row], set[tuple[str, int]]]:
-        """Fold and write the batch; (the folded rows, the keys of those that changed the table).
+    ) -> tuple[list[Row], dict[int, int]]:
+        """Fold and write the batch; (the folded rows, how many changed the table, by rank).
 
         Every failure but a data error is retried with backoff, for as long as it takes: a
         Postgres restart, a deadlock, but also a dropped table or a revoked permission, which an
@@ -518,16 +518,15 @@ class Worker:
         )
 
     def _record(
-        self, decoded: list[Decoded], rows: list[Row], changed: set[tuple[str, int]], took: float
+        self, decoded: list[Decoded], rows: list[Row], changed: dict[int, int], took: float
     ) -> None:
         metrics = self.metrics
-        # Each folded row counts under the event its newest data came from.
-        outcomes = Tally(
-            (schema.EVENTS[r.version_rank], (r.project_name, r.customer_id) in changed)
-            for r in rows
-        )
-        for (event, was_changed), count in outcomes.items():
-            metrics.rows.labels(event, "changed" if was_changed else "stale").inc(count)
+        # Changed rows count under the event whose data they show now; the batch's other rows,
+        # stale, under the event of their own newest data.
+        written = Tally(r.version_rank for r in rows)
+        for rank, event in enumerate(schema.EVENTS):
+            metrics.rows.labels(event, "changed").inc(changed.get(rank, 0))
+            metrics.rows.labels(event, "stale").inc(max(0, written[rank] - changed.get(rank, 0)))
         records = rejected = 0
         for item in decoded:
             metrics.records.labels(item.event, "accepted").inc(len(item.rows))
@@ -544,7 +543,7 @@ class Worker:
                 "messages": len(decoded),
                 "records": records,
                 "rows": len(rows),
-                "changed": len(changed),
+                "changed": sum(changed.values()),
                 "rejected": rejected,
                 "shops": sorted({item.project for item in decoded})[:10],
                 "request_ids": [item.request_id for item in decoded][:20],
