@@ -16,6 +16,7 @@ import asyncpg
 import msgspec
 
 from common.deadletters import DeadLetter, open_dead_letters
+from common.message import BUNDLE, body_of, unpack
 from common.settings import Settings
 from worker.store import purge_rejected
 
@@ -92,11 +93,24 @@ async def dead_show(settings: Settings, args: argparse.Namespace, out: Out) -> i
         out(_line(args.index, letter))
         for key, value in sorted((letter.message.headers or {}).items()):
             out(f"  header {key}: {value}")
-        body = letter.message.body
-        out(
-            "  body: "
-            + (body.decode("utf-8", "replace") if args.show_personal_data else redact(body))
-        )
+        try:
+            if letter.message.content_type == BUNDLE:  # left whole by RabbitMQ (delivery limit)
+                webhooks = unpack(letter.message)
+                bodies = [
+                    (f"  webhook event={w.event} shop={w.project_name} records={w.records} "
+                     f"request_id={w.request_id}", w.body)
+                    for w in webhooks
+                ]  # fmt: skip
+            else:
+                bodies = [("", body_of(letter.message))]
+        except ValueError as exc:
+            out(f"  body: <{len(letter.message.body)} bytes, unreadable: {exc}>")
+            return 0
+        for line, body in bodies:
+            if line:
+                out(line)
+            text = body.decode("utf-8", "replace") if args.show_personal_data else redact(body)
+            out(f"  body: {text}")
     return 0
 
 

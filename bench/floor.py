@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from bench.data import Payload, rows_of
+from worker.fold import Row, as_datetime
 
 TABLE = "bench_floor"
 COLUMNS = (
@@ -54,6 +55,15 @@ async def checkpoint(conn: asyncpg.Connection) -> None:
         await conn.execute("CHECKPOINT")
 
 
+def _values(row: Row) -> tuple[object, ...]:
+    # The table's own types: timestamptz columns take datetimes (the worker sends int8 instead,
+    # converted by its upsert; the floor is a plain COPY into the table).
+    return tuple(
+        as_datetime(value) if column.endswith("_at") and isinstance(value, int) else value
+        for column, value in ((c, getattr(row, c)) for c in COLUMNS)
+    )
+
+
 async def measure_floor(dsn: str, payloads: list[Payload]) -> Floor:
     """COPY each phase's rows (built outside the timing) into an empty keyed table."""
     conn = await asyncpg.connect(dsn)
@@ -64,7 +74,7 @@ async def measure_floor(dsn: str, payloads: list[Payload]) -> Floor:
         seconds = 0.0
         for event in ("create", "update"):
             phase = [p for p in payloads if p.event == event]
-            tuples = [tuple(getattr(row, c) for c in COLUMNS) for row in rows_of(phase)]
+            tuples = [_values(row) for row in rows_of(phase)]
             await conn.execute(f"TRUNCATE {TABLE}")
             await checkpoint(conn)
             started = time.perf_counter()

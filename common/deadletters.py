@@ -16,8 +16,15 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from common import schema
+from common.message import BUNDLE
 from common.settings import Settings
-from common.topology import EXCHANGE, ROUTING_KEYS, amqp_url_with_heartbeat, declare_topology
+from common.topology import (
+    BUNDLE_ROUTING_KEY,
+    EXCHANGE,
+    ROUTING_KEYS,
+    amqp_url_with_heartbeat,
+    declare_topology,
+)
 
 # Headers that describe a death, not the webhook: dropped when a message is replayed.
 _DEATH_HEADERS = (
@@ -69,6 +76,9 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     event = headers.get(schema.H_EVENT)
     if not routing_key and event in ROUTING_KEYS:
         routing_key = ROUTING_KEYS[event]
+    if message.content_type == BUNDLE:  # several webhooks, of any shops and events
+        event = f"bundle of {headers.get(schema.H_BUNDLE, '?')}"
+        routing_key = routing_key or BUNDLE_ROUTING_KEY
     records = headers.get(schema.H_RECORDS)
     return DeadLetter(
         message=message,
@@ -117,6 +127,7 @@ class DeadLetterQueue:
                 letter.message.body,
                 headers=headers,
                 content_type=letter.message.content_type,
+                content_encoding=letter.message.content_encoding,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=letter.message.message_id,
                 timestamp=letter.message.timestamp,

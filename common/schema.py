@@ -26,6 +26,7 @@ H_RECORDS = "x-record-count"
 H_RECEIVED_AT = "x-received-at"  # milliseconds since the epoch (AMQP floats are 32-bit)
 H_REQUEST_ID = "x-request-id"
 H_ERROR = "x-error"  # set on messages the worker dead-letters itself
+H_BUNDLE = "x-bundle"  # on a bundle (common/message.py): how many webhooks it carries
 
 
 class Envelope(msgspec.Struct):

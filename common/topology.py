@@ -20,6 +20,7 @@ QUEUE = "upgates.customers"
 DEAD_EXCHANGE = "upgates.dead"
 DEAD_QUEUE = "upgates.customers.dead"
 ROUTING_KEYS = {event: f"customers.{event}" for event in ("create", "update", "delete")}
+BUNDLE_ROUTING_KEY = "customers.bundle"  # several webhooks, maybe of several events
 
 # Seconds between heartbeats: a broker that stops answering (a dead link, not a closed one) is
 # noticed within a few of these instead of aio-pika's default of a minute or more.

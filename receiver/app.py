@@ -17,14 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
-from aio_pika.abc import HeadersType
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from common import schema
+from common.message import Webhook
 from common.metrics import LATENCY_BUCKETS, metrics_response
 from common.settings import Settings
-from common.topology import ROUTING_KEYS
 from receiver.publisher import NotStored, Publisher
 
 log = logging.getLogger(__name__)
@@ -73,14 +72,27 @@ METRICS = web.AppKey("metrics", ReceiverMetrics)
 IN_FLIGHT = web.AppKey("in_flight", list[int])  # one mutable counter
 
 
+class ErrorResponse(web.Response):
+    """A JSON error body, and what went wrong in a few words for the request's log line."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None) -> None:
+        super().__init__(
+            body=schema.json_encoder.encode(body),
+            status=status,
+            headers=headers,
+            content_type="application/json",
+        )
+        self.why = str(body.get("detail") or body["error"])
+
+
 def error(
     status: int, message: str, detail: str | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
+) -> ErrorResponse:
     """A JSON error body; `detail` comes from our own checks or msgspec, never from the payload."""
     body: dict[str, Any] = {"error": message}
     if detail:
         body["detail"] = detail
-    return web.json_response(body, status=status, headers=headers)
+    return ErrorResponse(status, body, headers)
 
 
 def token_of(request: web.Request) -> str | None:
@@ -144,6 +156,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
             "status": response.status,
             "took_ms": round(took * 1000, 1),
             "request_id": response.headers.get("X-Request-Id"),
+            "why": response.why if isinstance(response, ErrorResponse) else None,
         },
     )
     return response
@@ -181,7 +194,8 @@ async def _read_and_publish(
     request: web.Request, settings: Settings, event: str, granted: str
 ) -> tuple[web.Response, str | None, int]:
     try:
-        body = await asyncio.wait_for(request.read(), settings.body_read_timeout)
+        async with asyncio.timeout(settings.body_read_timeout):
+            body = await request.read()
     except TimeoutError:
         return error(408, "body not received in time"), None, 0
     except web.HTTPRequestEntityTooLarge:
@@ -206,17 +220,11 @@ async def _read_and_publish(
         return web.json_response({"accepted": 0}), project, 0
 
     request_id = uuid.uuid4().hex
-    headers: HeadersType = {
-        schema.H_EVENT: event,
-        schema.H_PROJECT: project,
-        schema.H_RECORDS: records,
-        schema.H_RECEIVED_AT: int(time.time() * 1000),
-        schema.H_REQUEST_ID: request_id,
-    }
+    webhook = Webhook(event, project, records, int(time.time() * 1000), request_id, body)
     metrics = request.app[METRICS]
     publish_started = time.perf_counter()
     try:
-        await request.app[PUBLISHER].publish(body, ROUTING_KEYS[event], headers, request_id)
+        await request.app[PUBLISHER].publish(webhook)
     except NotStored as exc:
         return _unavailable(settings, str(exc)), project, records
     finally:

@@ -2,6 +2,12 @@
 
 The receiver must start and answer (503) while the broker is down, so connecting is a background
 loop, not a start-up step; a request never waits for a connection.
+
+Small webhooks are bundled (common/message.py): while a bundle waits for its confirm, the ones
+that arrive meanwhile gather into the next, like a database's group commit. At low load every
+webhook goes alone and at once; under load a bundle carries as many as came in one round trip,
+and the broker, whose work is mostly per message, keeps up. Each request still gets its answer
+only after the confirm of the message that holds its webhook.
 """
 
 from __future__ import annotations
@@ -9,16 +15,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from collections import deque
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, HeadersType
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from common.message import COMPRESS_FROM_BYTES, Webhook, pack
 from common.settings import Settings
-from common.topology import amqp_url_with_heartbeat, declare_topology, until_closed
+from common.topology import (
+    BUNDLE_ROUTING_KEY,
+    ROUTING_KEYS,
+    amqp_url_with_heartbeat,
+    declare_topology,
+    until_closed,
+)
 
 log = logging.getLogger(__name__)
+
+# Bodies from this size up go alone (and compressed): bundling them saves the broker nothing.
+BUNDLE_BELOW_BYTES = COMPRESS_FROM_BYTES
+# Bundles published and not yet confirmed. Two: one being stored while the next is written.
+BUNDLES_IN_FLIGHT = 2
+# Limits of one bundle: a few hundred small webhooks is already one message instead of hundreds.
+BUNDLE_MAX_WEBHOOKS = 256
+BUNDLE_MAX_BYTES = 1024 * 1024
 
 
 class NotStored(Exception):
@@ -26,7 +47,7 @@ class NotStored(Exception):
 
 
 class Publisher:
-    """Publishes webhook bodies persistently, mandatory and confirmed, within a deadline."""
+    """Publishes webhooks persistently, mandatory and confirmed, within a deadline."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -34,6 +55,10 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
+        # Small webhooks waiting for a bundle, each with the future its request awaits.
+        self._waiting: deque[tuple[Webhook, asyncio.Future[None]]] = deque()
+        self._flush_scheduled = False
+        self._bundles: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
@@ -57,36 +82,90 @@ class Publisher:
         self._task = asyncio.create_task(self._keep_connected(), name="amqp-publisher")
 
     async def close(self) -> None:
-        """Stop reconnecting and close the connection."""
+        """Stop reconnecting and close the connection (after the bundles being sent)."""
+        while self._bundles:
+            await asyncio.wait(self._bundles)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def publish(
-        self, body: bytes, routing_key: str, headers: HeadersType, message_id: str
-    ) -> None:
-        """Return once RabbitMQ has confirmed the message as stored; raise NotStored otherwise."""
+    async def publish(self, webhook: Webhook) -> None:
+        """Return once RabbitMQ has confirmed the webhook as stored; raise NotStored otherwise.
+
+        Never later than PUBLISH_TIMEOUT, whatever the broker does (a blocked broker, a memory
+        or disk alarm, a reconnect): the sender must get its answer within its 1 s.
+        """
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                if len(webhook.body) >= BUNDLE_BELOW_BYTES:
+                    await self._send([webhook])
+                else:
+                    await self._bundled(webhook)
+        except TimeoutError:
+            raise NotStored("the broker did not confirm in time") from None
+
+    def _bundled(self, webhook: Webhook) -> asyncio.Future[None]:
+        """Wait for a place in a bundle; resolved by the bundle's confirm."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((webhook, future))
+        if not self._flush_scheduled:
+            # Next loop iteration: every request read in this one joins the same bundle.
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        """Start bundles from the waiting webhooks while fewer than BUNDLES_IN_FLIGHT are out."""
+        self._flush_scheduled = False
+        while self._waiting and len(self._bundles) < BUNDLES_IN_FLIGHT:
+            bundle: list[tuple[Webhook, asyncio.Future[None]]] = []
+            size = 0
+            while self._waiting and len(bundle) < BUNDLE_MAX_WEBHOOKS and size < BUNDLE_MAX_BYTES:
+                webhook, future = self._waiting.popleft()
+                if not future.done():  # done: its request gave up (503) before it was sent
+                    bundle.append((webhook, future))
+                    size += len(webhook.body)
+            if bundle:
+                task = asyncio.create_task(self._send_bundle(bundle))
+                self._bundles.add(task)
+                task.add_done_callback(self._bundle_done)
+
+    def _bundle_done(self, task: asyncio.Task[None]) -> None:
+        self._bundles.discard(task)
+        self._flush()
+
+    async def _send_bundle(self, bundle: list[tuple[Webhook, asyncio.Future[None]]]) -> None:
+        outcome: NotStored | None = None
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                await self._send([webhook for webhook, _ in bundle])
+        except TimeoutError:
+            outcome = NotStored("the broker did not confirm in time")
+        except NotStored as exc:
+            outcome = exc
+        for _, future in bundle:
+            if not future.done():
+                if outcome is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(NotStored(str(outcome)))
+
+    async def _send(self, webhooks: list[Webhook]) -> None:
+        """Publish one message holding these webhooks and wait for the broker's confirm."""
         exchange, channel = self._exchange, self._channel
         if exchange is None or channel is None or channel.is_closed:
             raise NotStored("not connected to the broker")
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,  # not the default: survive a restart
-            headers=headers,
-            message_id=message_id,
-            timestamp=time.time(),
-        )
+        if sum(len(w.body) for w in webhooks) >= COMPRESS_FROM_BYTES:
+            message = await asyncio.to_thread(pack, webhooks)  # zstd releases the GIL
+        else:
+            message = pack(webhooks)
+        routing_key = ROUTING_KEYS[webhooks[0].event] if len(webhooks) == 1 else BUNDLE_ROUTING_KEY
         try:
             # mandatory + on_return_raises: an unroutable message raises instead of being
-            # "confirmed" and dropped. The deadline covers a blocked broker (memory/disk alarm).
-            await asyncio.wait_for(
-                exchange.publish(message, routing_key, mandatory=True),
-                self._settings.publish_timeout,
-            )
-        except TimeoutError:
-            raise NotStored("the broker did not confirm in time") from None
+            # "confirmed" and dropped. The caller's deadline covers a blocked broker.
+            await exchange.publish(message, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError:
             raise NotStored("the broker could not route the message") from None
         except aiormq.exceptions.DeliveryError:

@@ -43,6 +43,7 @@ import asyncpg
 import pytest
 
 from common import settings as settings_module
+from common.message import unpack
 from common.settings import Settings
 from common.topology import DEAD_EXCHANGE, DEAD_QUEUE, EXCHANGE, QUEUE
 from tests.conftest import ROOT, TOKEN, free_port, wait_until
@@ -815,6 +816,19 @@ async def queue_depth(amqp_url: str, queue: str) -> int:
         count = declared.declaration_result.message_count
         assert count is not None
         return count
+
+
+async def queued_webhooks(amqp_url: str, queue: str) -> int:
+    """Webhooks in a queue right now (a bundle counts its webhooks); all stay in the queue."""
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = 0
+        while (message := await declared.get(no_ack=False, fail=False)) is not None:
+            count += len(unpack(message))
+        # Closing the channel without acking puts them all back.
+    return count
 
 
 async def dead_letters(amqp_url: str) -> list[tuple[dict[str, Any], bytes]]:

@@ -15,12 +15,15 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import aiohttp
 import asyncpg
 import msgspec
 import pytest
 
+from common.message import Webhook, pack
 from common.settings import Settings
+from common.topology import BUNDLE_ROUTING_KEY, EXCHANGE
 from tests.conftest import connect_migrated, count_at_least, post, wait_until
 
 # Before the import below: the helpers' asserts get pytest's messages (and no warning).
@@ -315,6 +318,66 @@ async def test_message_that_kills_its_worker_every_time_is_dead_lettered(
     assert "delivery_limit" in str(headers.get("x-death")), headers
     assert msgspec.json.decode(body) == poison
     await assert_serving(receiver, worker)
+
+
+@pytest.mark.fault
+async def test_a_worker_killer_in_a_bundle_is_dead_lettered_alone(
+    settings: Settings, procs: Procs, proxies: list[Proxy]
+) -> None:
+    # Small webhooks travel in bundles. One of a bundle's webhooks kills any worker that writes
+    # it: the redelivered bundle is split into one message per webhook, so the killer alone
+    # meets the delivery limit and its bundle-mates, answered 200 with it, land.
+    limit = 2
+    settings = replace(settings, delivery_limit=limit)
+    pg, through_proxy = await worker_behind_proxy(settings, proxies)
+    worker = await procs.worker(through_proxy)
+    now = int(datetime.now(UTC).timestamp() * 1000)
+
+    def webhook(shop: str, cid: int) -> Webhook:
+        body = msgspec.json.encode(
+            {"project_name": shop, "customers": [make_record("create", cid, 0)]}
+        )
+        return Webhook("create", shop, 1, now, f"{shop}-{cid}", body)
+
+    innocents = [webhook("bundle-shop", cid) for cid in (1, 2, 3)]
+    killer = webhook("poison-shop", 9)
+    pg.hold_when(lambda direction, data: direction == "up" and b"poison-shop" in data)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(EXCHANGE)
+        bundle = pack([innocents[0], killer, *innocents[1:]])
+        await exchange.publish(bundle, BUNDLE_ROUTING_KEY, mandatory=True)
+
+    kills = 0
+    while not await dead_letters(settings.amqp_url):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pg.held.wait(), 1)
+        if not pg.held.is_set():
+            continue
+        kills += 1
+        assert kills <= limit + 2, "the killer keeps coming back past the delivery limit"
+        worker.popen.kill()
+        await worker.wait()
+        pg.cut()
+        pg.release()
+        pg.hold_when(lambda direction, data: direction == "up" and b"poison-shop" in data)
+        worker = await procs.worker(through_proxy)
+
+    [(headers, body)] = await dead_letters(settings.amqp_url)
+    assert headers.get("x-request-id") == "poison-shop-9", headers
+    assert "delivery_limit" in str(headers.get("x-death")), headers
+    assert body == killer.body
+    conn = await connect_migrated(settings)
+    assert conn is not None
+    try:
+        await wait_until(lambda: count_at_least(conn, 3), timeout=15)
+        rows = await conn.fetch("SELECT project_name, customer_id FROM customers ORDER BY 1, 2")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("bundle-shop", 1), ("bundle-shop", 2), ("bundle-shop", 3)]
+    # First the bundle, then the killer alone at each of its deliveries.
+    assert kills == 1 + limit + 1, kills
 
 
 async def test_the_proxy_modes() -> None:

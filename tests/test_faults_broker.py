@@ -29,6 +29,7 @@ from tests.servers import (  # noqa: E402
     http_status,
     make_record,
     queue_depth,
+    queued_webhooks,
     service_settings,
     start_proxy,
 )
@@ -145,10 +146,14 @@ async def test_queue_full_is_503_never_loss(
 
         await wait_until(rejecting, timeout=20)
         # Every 200 is in the queue and nothing else is: the 503s were not stored. (A quorum
-        # queue checks its limit a little late, so it may take a message or two beyond it.)
+        # queue checks its limit a little late, so it may take a message or two beyond it.
+        # The limit counts messages: a bundle of small webhooks is one.)
+        assert limit <= await queue_depth(rabbit.url, QUEUE) <= limit + 4, sender.stats.summary()
+        # Looking into the queue takes its messages out for a moment, which makes room for a
+        # few more 200s meanwhile: what is in it lies between the 200s before and after.
         accepted = sender.stats.ok
-        assert limit <= accepted <= limit + 4, sender.stats.summary()
-        assert await queue_depth(rabbit.url, QUEUE) == accepted
+        queued = await queued_webhooks(rabbit.url, QUEUE)
+        assert accepted <= queued <= sender.stats.ok, sender.stats.summary()
         worker = await procs.worker(settings)
         await sender.wait_ok(60, timeout=40)
         await sender.stop()

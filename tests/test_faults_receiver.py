@@ -42,6 +42,7 @@ from tests.servers import (  # noqa: E402
     http_status,
     make_record,
     port_of,
+    queued_webhooks,
     service_settings,
     start_proxy,
     with_port,
@@ -180,7 +181,7 @@ async def test_too_many_requests_at_once_get_a_fast_503(vhost: str, proxies: lis
     )
     async with (
         running_receiver(config) as url,
-        the_queue(f"{AMQP_BASE}/{vhost}") as queue,
+        the_queue(f"{AMQP_BASE}/{vhost}"),  # declared by the receiver
         aiohttp.ClientSession() as http,
     ):
         broker.slow(0.1)
@@ -205,7 +206,7 @@ async def test_too_many_requests_at_once_get_a_fast_503(vhost: str, proxies: lis
         assert all(retry is not None for _, retry in refused)
         assert max(took for took, _ in refused) < 0.25, refused
         assert max(took for _, took, _ in answers) < 1.0, answers
-        assert await depth(queue) == ok
+        assert await queued_webhooks(f"{AMQP_BASE}/{vhost}", QUEUE) == ok
         broker.passthrough()
         async with http.post(
             f"{url}/webhooks/customers/create",

@@ -26,9 +26,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common import schema
 from common.deadletters import open_dead_letters
+from common.message import BUNDLE, Webhook, alone, unpack
 from common.metrics import LATENCY_BUCKETS
 from common.settings import Settings
-from common.topology import Topology, amqp_url_with_heartbeat, declare_topology, until_closed
+from common.topology import (
+    ROUTING_KEYS,
+    Topology,
+    amqp_url_with_heartbeat,
+    declare_topology,
+    until_closed,
+)
 from worker.fold import Row, decode_payload, fold
 from worker.store import (
     RETENTION_LOCK,
@@ -76,7 +83,7 @@ class WorkerMetrics:
         )
         self.batch_messages = Histogram(
             "upgates_worker_batch_messages",
-            "Messages per committed batch.",
+            "Webhooks per committed batch (a bundle message carries several).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
@@ -151,41 +158,38 @@ class Subscription:
 
 @dataclass(slots=True)
 class Decoded:
-    """A message's records, ready to fold."""
+    """One webhook's records, ready to fold, and the message it came in."""
 
     message: AbstractIncomingMessage
-    event: str
+    webhook: Webhook
     project: str
     rows: list[Row]
     rejected: list[RejectedFrom]
-    received_at: float
-    request_id: str
+
+    @property
+    def received_at(self) -> float:
+        """When the receiver accepted the webhook, in seconds since the epoch."""
+        return self.webhook.received_at / 1000
 
 
-def decode_message(message: AbstractIncomingMessage) -> Decoded:
-    """Decode one message; raise ValueError with a reason when it can never be applied."""
-    headers = message.headers or {}
-    event = headers.get(schema.H_EVENT)
-    if event not in schema.EVENTS:
-        raise ValueError(f"unknown event header {schema.H_EVENT}={event!r}")
+def decode_webhook(message: AbstractIncomingMessage, webhook: Webhook) -> Decoded:
+    """Decode one webhook; raise ValueError with a reason when it can never be applied."""
+    if webhook.event not in schema.EVENTS:
+        raise ValueError(f"unknown event {webhook.event!r}")
     try:
-        project, rows, rejected = decode_payload(str(event), message.body)
+        project, rows, rejected = decode_payload(webhook.event, webhook.body)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ValueError(f"not an Upgates customers envelope: {exc}") from None
-    received_at = headers.get(schema.H_RECEIVED_AT)
-    received = received_at / 1000 if isinstance(received_at, int) else time.time()
-    request_id = str(headers.get(schema.H_REQUEST_ID) or message.message_id or "")
+    at = datetime.fromtimestamp(webhook.received_at / 1000, UTC)
+    request_id = webhook.request_id
     if not request_id:  # not from our receiver; the body identifies it for deduplication
-        request_id = hashlib.sha256(message.body).hexdigest()
-    at = datetime.fromtimestamp(received, UTC)
+        request_id = hashlib.sha256(webhook.body).hexdigest()
     return Decoded(
         message,
-        str(event),
+        webhook,
         project,
         rows,
         [RejectedFrom(project, at, request_id, r) for r in rejected],
-        received,
-        request_id,
     )
 
 
@@ -294,8 +298,9 @@ class Worker:
         url = amqp_url_with_heartbeat(self.settings.amqp_url)
         connection = await aio_pika.connect(url, timeout=5)
         try:
-            # Confirms on this channel are for the dead-letter copies the worker publishes.
-            channel = await connection.channel(publisher_confirms=True)
+            # Confirms (and returns raised) on this channel are for the messages the worker
+            # publishes: dead-letter copies, and the webhooks of a split bundle.
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             topology = await declare_topology(channel, self.settings)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             # Cautious first: a message redelivered to us may be one that crashed a worker.
@@ -336,10 +341,44 @@ class Worker:
         fresh = [m for m in batch if not m.redelivered]
         suspects = [m for m in batch if m.redelivered]
         await subscription.start(cautious=bool(suspects))
+        topology, channel = subscription.topology, subscription.channel
         if fresh:
-            await self._process(fresh, subscription.topology, subscription.channel)
+            await self._process(fresh, topology, channel)
         for message in suspects:
-            await self._process([message], subscription.topology, subscription.channel)
+            if message.content_type == BUNDLE:
+                await self._split(message, topology, channel)
+            else:
+                await self._process([message], topology, channel)
+
+    async def _split(
+        self, message: AbstractIncomingMessage, topology: Topology, channel: AbstractChannel
+    ) -> None:
+        """Put a redelivered bundle's webhooks back in the queue one per message, then ack it.
+
+        Whichever of them crashed a worker then meets the delivery limit alone, and the others
+        are applied. A crash in the middle only means the bundle is split again: duplicates,
+        which the fold ignores. When the queue refuses them (it is full), the bundle is applied
+        as it is instead: the queue must drain, and this is what drains it.
+        """
+        try:
+            webhooks = unpack(message)
+        except ValueError:
+            await self._process([message], topology, channel)  # dead-letters it, with the reason
+            return
+        try:
+            for webhook in webhooks:
+                if webhook.event in ROUTING_KEYS:
+                    routing_key = ROUTING_KEYS[webhook.event]
+                    await topology.exchange.publish(alone(webhook), routing_key, mandatory=True)
+                else:
+                    reason = f"unknown event {webhook.event!r}"
+                    await self._dead_letter(message, webhook, reason, topology)
+        except aiormq.exceptions.DeliveryError as exc:
+            log.warning("cannot split a redelivered bundle (%s): applying it whole", exc)
+            await self._process([message], topology, channel)
+            return
+        log.info("redelivered bundle split", extra={"webhooks": len(webhooks)})
+        await _ack(message)
 
     def _set_consuming(self, value: bool) -> None:
         self.consuming = value
@@ -403,35 +442,49 @@ class Worker:
     async def _process(
         self, batch: list[AbstractIncomingMessage], topology: Topology, channel: AbstractChannel
     ) -> None:
+        """Decode, commit, then ack; what can never be applied is dead-lettered on the way."""
         started = time.perf_counter()
         decoded: list[Decoded] = []
+        readable: list[AbstractIncomingMessage] = []
         for message in batch:
             try:
-                decoded.append(decode_message(message))
-            except ValueError as exc:
-                await self._dead_letter(message, str(exc), topology)
+                webhooks = unpack(message)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, this message is unreadable
+                reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+                await self._dead_letter(message, None, f"unreadable message: {reason}", topology)
+                await _ack(message)
+                continue
+            readable.append(message)
+            for webhook in webhooks:
+                try:
+                    decoded.append(decode_webhook(message, webhook))
+                except ValueError as exc:
+                    await self._dead_letter(message, webhook, str(exc), topology)
+                except Exception as exc:
+                    log.exception("cannot decode a webhook")
+                    reason = f"undecodable: {type(exc).__name__}"
+                    await self._dead_letter(message, webhook, reason, topology)
+        if decoded:
+            try:
+                rows, changed = await self._commit(decoded, channel)
             except Exception as exc:
-                log.exception("cannot decode a message")
-                await self._dead_letter(message, f"undecodable: {type(exc).__name__}", topology)
-        if not decoded:
-            return
-        try:
-            rows, changed = await self._commit(decoded, channel)
-        except Exception as exc:
-            if not is_data_error(exc):
-                raise
-            # A value in the batch fails every time: find its message by writing each alone.
-            log.warning("batch failed (%s); writing its messages one by one", type(exc).__name__)
-            for item in decoded:
-                await self._process_alone(item, topology, channel)
-            return
-        # One ack per message, not one multiple=True ack: that would also ack any delivery a bug
-        # left out of the batch, and an ack is only a frame written, not a round trip.
-        for item in decoded:
-            await _ack(item.message)
-        self._record(decoded, rows, changed, time.perf_counter() - started)
+                if not is_data_error(exc):
+                    raise
+                # A value fails every time: find its webhook by writing each alone.
+                log.warning(
+                    "batch failed (%s); writing its webhooks one by one", type(exc).__name__
+                )
+                for item in decoded:
+                    await self._commit_alone(item, topology, channel)
+            else:
+                self._record(decoded, rows, changed, time.perf_counter() - started)
+        # Every webhook in these messages is committed or dead-lettered: RabbitMQ may forget
+        # them. One ack per message, not one multiple=True ack: that would also ack any delivery
+        # a bug left out of the batch, and an ack is only a frame written, not a round trip.
+        for message in readable:
+            await _ack(message)
 
-    async def _process_alone(
+    async def _commit_alone(
         self, item: Decoded, topology: Topology, channel: AbstractChannel
     ) -> None:
         started = time.perf_counter()
@@ -442,9 +495,8 @@ class Worker:
                 raise
             sqlstate = getattr(exc, "sqlstate", None) or ""
             reason = f"write failed: {type(exc).__name__} {sqlstate}".strip()
-            await self._dead_letter(item.message, reason, topology)
+            await self._dead_letter(item.message, item.webhook, reason, topology)
             return
-        await _ack(item.message)
         self._record([item], rows, changed, time.perf_counter() - started)
 
     async def _commit(
@@ -487,33 +539,45 @@ class Worker:
             delay = min(delay * 2, self.settings.retry_max_backoff)
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, topology: Topology
+        self,
+        message: AbstractIncomingMessage,
+        webhook: Webhook | None,
+        reason: str,
+        topology: Topology,
     ) -> None:
-        """Park a message that can never be applied in the dead-letter queue, with the reason."""
-        headers = dict(message.headers or {})
-        headers[schema.H_ERROR] = reason[:1000]
-        headers["x-original-routing-key"] = message.routing_key or ""
-        # Publish the copy (confirmed) before acking the original: a crash in between leaves a
-        # duplicate in the dead-letter queue, never a loss.
-        await topology.dead_exchange.publish(
-            aio_pika.Message(
+        """Park what can never be applied in the dead-letter queue, with the reason.
+
+        The message as it came; for a webhook of a bundle, that webhook in a message of its own.
+        The copy is confirmed before the caller acks the original: a crash in between leaves a
+        duplicate in the dead-letter queue, never a loss (mandatory: never an unrouted copy).
+        """
+        if webhook is None or message.content_type != BUNDLE:
+            headers = {
+                **(message.headers or {}),
+                schema.H_ERROR: reason[:1000],
+                "x-original-routing-key": message.routing_key or "",
+            }
+            copy = aio_pika.Message(
                 message.body,
                 headers=headers,
                 content_type=message.content_type,
+                content_encoding=message.content_encoding,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=message.message_id,
                 timestamp=message.timestamp,
-            ),
-            routing_key="",
-        )
-        await _ack(message)
+            )
+        else:
+            original = ROUTING_KEYS.get(webhook.event, message.routing_key or "")
+            copy = alone(webhook, **{schema.H_ERROR: reason[:1000]})
+            copy.headers["x-original-routing-key"] = original
+        await topology.dead_exchange.publish(copy, routing_key="", mandatory=True)
         self.metrics.dead_letters.inc()
         log.error(
             "message dead-lettered",
             extra={
                 "reason": reason[:200],
-                "shop": (message.headers or {}).get(schema.H_PROJECT),
-                "request_id": (message.headers or {}).get(schema.H_REQUEST_ID),
+                "shop": (copy.headers or {}).get(schema.H_PROJECT),
+                "request_id": (copy.headers or {}).get(schema.H_REQUEST_ID),
             },
         )
 
@@ -527,12 +591,16 @@ class Worker:
         for rank, event in enumerate(schema.EVENTS):
             metrics.rows.labels(event, "changed").inc(changed.get(rank, 0))
             metrics.rows.labels(event, "stale").inc(max(0, written[rank] - changed.get(rank, 0)))
-        records = rejected = 0
+        accepted: Tally[str] = Tally()
+        refused: Tally[str] = Tally()
         for item in decoded:
-            metrics.records.labels(item.event, "accepted").inc(len(item.rows))
-            metrics.records.labels(item.event, "rejected").inc(len(item.rejected))
-            records += len(item.rows) + len(item.rejected)
-            rejected += len(item.rejected)
+            accepted[item.webhook.event] += len(item.rows)
+            refused[item.webhook.event] += len(item.rejected)
+        for event in schema.EVENTS:
+            metrics.records.labels(event, "accepted").inc(accepted[event])
+            metrics.records.labels(event, "rejected").inc(refused[event])
+        rejected = refused.total()
+        records = accepted.total() + rejected
         metrics.batch_messages.observe(len(decoded))
         metrics.batch_seconds.observe(took)
         lag = time.time() - min(item.received_at for item in decoded)
@@ -540,13 +608,14 @@ class Worker:
         log.info(
             "batch committed",
             extra={
-                "messages": len(decoded),
+                "webhooks": len(decoded),
+                "messages": len({id(item.message) for item in decoded}),
                 "records": records,
                 "rows": len(rows),
                 "changed": sum(changed.values()),
                 "rejected": rejected,
                 "shops": sorted({item.project for item in decoded})[:10],
-                "request_ids": [item.request_id for item in decoded][:20],
+                "request_ids": [item.webhook.request_id for item in decoded][:20],
                 "took_ms": round(took * 1000, 1),
                 "lag_ms": round(lag * 1000, 1),
             },
