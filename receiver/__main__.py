@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from aiohttp import web
 
 from common.logs import configure_logging
+from common.runtime import keep_freed_memory, new_event_loop
 from common.settings import SettingsError, load_settings, require_token
 from receiver.app import create_app
 
 log = logging.getLogger("receiver")
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it exists (not on Windows): the same code, less CPU per request."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def main() -> None:
@@ -33,6 +24,7 @@ def main() -> None:
         print(f"receiver: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
+    keep_freed_memory()
     log.info(
         "receiver listening", extra={"host": settings.receiver_host, "port": settings.receiver_port}
     )

@@ -10,6 +10,7 @@ import sys
 from aiohttp import web
 
 from common.logs import configure_logging
+from common.runtime import keep_freed_memory, new_event_loop
 from common.settings import Settings, SettingsError, load_settings
 from worker.health import create_health_app
 from worker.service import Worker
@@ -36,15 +37,6 @@ async def serve(settings: Settings) -> None:
     log.info("worker stopped")
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it exists (not on Windows): the same code, less CPU per message."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def main() -> None:
     """Run a worker."""
     try:
@@ -53,6 +45,7 @@ def main() -> None:
         print(f"worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
+    keep_freed_memory()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(settings))
 

@@ -13,6 +13,7 @@ from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from msgspec.structs import astuple
 
 from worker.fold import Rejected, Row
 
@@ -38,11 +39,7 @@ _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
 # Times travel as int8 microseconds since the Unix epoch (fold.Row holds them so) and become
 # timestamptz in the upsert: asyncpg encodes an int8 for a fraction of what a datetime costs.
 BATCH_TABLE = "customer_batch"
-BATCH_COLUMNS = (
-    "project_name", "customer_id", "email", "code", "deleted_at", "version_at", "version_rank",
-    "version_fp", "active_yn", "blocked_yn", "status_at", "status_rank", "status_fp",
-    "created_at", "updated_at",
-)  # fmt: skip
+BATCH_COLUMNS = Row.__struct_fields__
 CREATE_BATCH_TABLE = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
     project_name text, customer_id bigint, email text, code text, deleted_at bigint,
@@ -186,15 +183,8 @@ async def write_batch(
 
 
 def _batch(rows: list[Row]) -> list[tuple[object, ...]]:
-    """The rows as BATCH_COLUMNS tuples."""
-    return [
-        (
-            r.project_name, r.customer_id, r.email, r.code, r.deleted_at, r.version_at,
-            r.version_rank, r.version_fp, r.active_yn, r.blocked_yn, r.status_at, r.status_rank,
-            r.status_fp, r.created_at, r.updated_at,
-        )
-        for r in rows
-    ]  # fmt: skip
+    """The rows as BATCH_COLUMNS tuples: a Row's fields are these columns, in this order."""
+    return [astuple(r) for r in rows]
 
 
 def _migrations() -> list[tuple[int, str, str]]:
