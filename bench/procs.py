@@ -42,6 +42,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def family(pid: int) -> list[int]:
+    """The process and its descendants (RECEIVER_PROCESSES > 1: a supervisor and receivers)."""
+    found = [pid]
+    for parent in found:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its descendants (those still running)."""
+    return sum(cpu_seconds(member) for member in family(pid))
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the most resident memory the process ever had."""
     try:
@@ -169,12 +184,13 @@ class Fleet:
                 raise RuntimeError(f"not ready in {timeout} s; see {self.log_dir}")
 
         for service in self.services:
-            while not listening(service.pid, service.health_port):
+            while not any(listening(pid, service.health_port) for pid in family(service.pid)):
                 check_alive()
                 await asyncio.sleep(0.05)
         ports: dict[int, int] = {}
         for service in self.services:
-            ports[service.health_port] = ports.get(service.health_port, 0) + 1
+            sharing = max(1, len(family(service.pid)) - 1)  # a supervisor's receivers share it
+            ports[service.health_port] = ports.get(service.health_port, 0) + sharing
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as http:
             for port, sharing in ports.items():
@@ -190,11 +206,11 @@ class Fleet:
                     if not ok:
                         await asyncio.sleep(0.05)
         for service in self.services:
-            service.cpu_start = cpu_seconds(service.pid)
+            service.cpu_start = tree_cpu_seconds(service.pid)
 
     def cpu(self, role: str) -> float:
-        """CPU seconds the services of a role used since they became ready."""
-        return sum(cpu_seconds(s.pid) - s.cpu_start for s in self.of(role))
+        """CPU seconds the services of a role (and their processes) used since they were ready."""
+        return sum(tree_cpu_seconds(s.pid) - s.cpu_start for s in self.of(role))
 
     def peak_rss(self, role: str) -> float:
         """The largest VmHWM among the services of a role, in MiB."""
@@ -255,7 +271,7 @@ def listening(pid: int, port: int) -> bool:
 async def receiver_means(http: aiohttp.ClientSession, port: int) -> dict[str, float]:
     """Mean seconds the receiver spent per request and waiting for the broker's confirms.
 
-    From its Prometheus histograms; with several receivers, only the one this connection hits.
+    From its Prometheus histograms (the sum over its processes when RECEIVER_PROCESSES > 1).
     """
     try:
         async with http.get(f"http://127.0.0.1:{port}/metrics") as response:

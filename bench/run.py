@@ -371,8 +371,8 @@ def _py_spy(ctx: Context, scenario: Scenario, fleet: procs.Fleet) -> list[subpro
         target = out / f"{scenario.name}-{service.role}-{index}.speedscope.json"
         started.append(
             subprocess.Popen(
-                [spy, "record", "--pid", str(service.pid), "--rate", "200", "--nonblocking",
-                 "--format", "speedscope", "--output", str(target)],
+                [spy, "record", "--pid", str(service.pid), "--subprocesses", "--rate", "200",
+                 "--nonblocking", "--format", "speedscope", "--output", str(target)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -389,10 +389,10 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
     port = procs.free_port()
     worker_ports = []
     if scenario.design == "pipeline":
-        for _ in range(options.receivers):
-            fleet.start(
-                "receiver", "receiver", port, RECEIVER_HOST="127.0.0.1", RECEIVER_PORT=str(port)
-            )
+        fleet.start(
+            "receiver", "receiver", port, RECEIVER_HOST="127.0.0.1", RECEIVER_PORT=str(port),
+            RECEIVER_PROCESSES=str(options.receivers),
+        )  # fmt: skip
         for _ in range(scenario.workers):
             worker_port = procs.free_port()
             worker_ports.append(worker_port)
@@ -634,7 +634,12 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="Postgres DSN allowed to CREATE DATABASE (a bench_* database is made and dropped)",
     )
-    parser.add_argument("--receivers", type=int, default=1, help="receiver processes (one port)")
+    parser.add_argument(
+        "--receivers",
+        type=int,
+        default=2,
+        help="RECEIVER_PROCESSES: receiver processes on one port (the compose file's 2)",
+    )
     parser.add_argument("--shops", type=int, default=None)
     parser.add_argument("--blocks", type=int, default=None, help="5000-record payloads per shop")
     parser.add_argument("--everyday-seconds", type=float, default=None)
@@ -648,8 +653,9 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--worker-nice",
         type=int,
-        default=0,
-        help="run workers at this nice level (ingest first when all shares one machine)",
+        default=10,
+        help="run workers at this nice level: answers first on one shared machine, as the "
+        "compose file's cpu_shares",
     )
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.set)

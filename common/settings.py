@@ -36,6 +36,9 @@ class Settings:
     # Past 1 s the sender has given up: reading on only holds a connection open.
     body_read_timeout: float = 1.0
     max_in_flight: int = 512
+    # Processes serving the receiver's port together (SO_REUSEPORT): one saturates a core with
+    # large bodies; more than the cores available buys nothing.
+    receiver_processes: int = 1
     retry_after_seconds: int = 30  # Upgates itself retries after 5 minutes whatever this says
 
     # Broker topology (both services must agree: they declare the same queue arguments)
@@ -74,6 +77,7 @@ _ENV: dict[str, str] = {
     "PUBLISH_TIMEOUT": "publish_timeout",
     "BODY_READ_TIMEOUT": "body_read_timeout",
     "MAX_IN_FLIGHT": "max_in_flight",
+    "RECEIVER_PROCESSES": "receiver_processes",
     "RETRY_AFTER_SECONDS": "retry_after_seconds",
     "DELIVERY_LIMIT": "delivery_limit",
     "QUEUE_MAX_LENGTH": "queue_max_length",
@@ -149,6 +153,8 @@ def check_settings(settings: Settings) -> None:
         raise SettingsError("MAX_BODY_BYTES must be at least 1024")
     if not 0 < settings.publish_timeout < 1:
         raise SettingsError("PUBLISH_TIMEOUT must be above 0 and below Upgates' 1 s timeout")
+    if settings.receiver_processes < 1:
+        raise SettingsError("RECEIVER_PROCESSES must be at least 1")
     if settings.prefetch < 1 or settings.batch_max_records < 1:
         raise SettingsError("WORKER_PREFETCH and BATCH_MAX_RECORDS must be at least 1")
     if settings.delivery_limit < 1:

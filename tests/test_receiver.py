@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -24,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from common.message import body_of
+from common.message import body_of, unpack
 from common.settings import Settings
 from common.topology import EXCHANGE, QUEUE
 from tests.conftest import ROOT, TOKEN, env_for, free_port, post, serve, wait_until
@@ -927,3 +929,77 @@ async def test_process_finishes_a_request_whose_body_is_arriving_on_sigterm(
     assert await _exit_code(proc, within=10) == 0
     [message] = await published(settings)
     assert message.body == body
+
+
+# --- Several processes on one port (RECEIVER_PROCESSES) -------------------------------------------
+
+
+def _children(proc: subprocess.Popen[bytes]) -> list[int]:
+    text = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+    return [int(pid) for pid in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line
+    return ""
+
+
+async def _requests_total(url: str) -> float:
+    # A fresh connection each time: each may reach another of the processes.
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh,
+        fresh.get(f"{url}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "upgates_receiver_requests_total"
+    )
+
+
+async def test_several_processes_serve_one_port_and_count_as_one(
+    settings: Settings, spawn: Spawn
+) -> None:
+    proc = spawn("receiver", RECEIVER_PROCESSES="2")
+    url = f"http://{settings.receiver_host}:{settings.receiver_port}"
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection per request
+    async with aiohttp.ClientSession(connector=connector) as fresh:
+        await _wait_ready(fresh, url)
+        children = _children(proc)
+        assert len(children) == 2
+        answers = await asyncio.gather(
+            *(post(fresh, url, "create", envelope(customer(i))) for i in range(30))
+        )
+    assert [status for status, _ in answers] == [200] * 30
+    queued = {w.request_id for m in await published(settings) for w in unpack(m)}
+    assert queued == {body["request_id"] for _, body in answers}
+    # Whichever process a scrape reaches, it counts the requests of both.
+    assert [await _requests_total(url) for _ in range(6)] == [30.0] * 6
+    proc.send_signal(signal.SIGTERM)
+    assert await _exit_code(proc, within=10) == 0
+    assert not any(_alive(pid) for pid in children)
+
+
+async def test_when_one_process_dies_the_others_stop_and_the_exit_is_non_zero(
+    settings: Settings, spawn: Spawn, http: aiohttp.ClientSession
+) -> None:
+    # An orchestrator restarts a receiver that exits; one that half-works would just be slow.
+    proc = spawn("receiver", RECEIVER_PROCESSES="2")
+    await _wait_ready(http, f"http://{settings.receiver_host}:{settings.receiver_port}")
+    first, second = _children(proc)
+    os.kill(first, signal.SIGKILL)
+    assert await _exit_code(proc, within=10) == 1
+
+    async def gone() -> bool:
+        return not _alive(second)
+
+    await wait_until(gone, timeout=5)
