@@ -206,3 +206,36 @@ async def test_null_and_empty_text_in_the_same_second_any_order(
     await pool.execute("TRUNCATE customers")
     await write_in_batches(pool, [[b], [a]])
     assert await table(pool) == a_then_b
+
+
+async def test_a_batch_of_creates_is_inserted_or_else_folded(pool: asyncpg.Pool) -> None:
+    # A batch of creates is first tried as a plain INSERT (new customers, an import). A key that
+    # exists makes that fail and leaves nothing behind: the upsert then decides by event time.
+    def creates(cids: range, second: int) -> list[Event]:
+        return [
+            Event("shop-a", "create", cid, second, f"c{cid}@x.cz", "C", True, False) for cid in cids
+        ]
+
+    new = creates(range(1, 6), 1)
+    assert await write_batch(pool, fold([e.to_row() for e in new]), []) == {0: 5}
+    newer_update = Event("shop-a", "update", 7, 3, "u7@x.cz", "U", None, None)
+    await write_in_batches(pool, [[newer_update]])
+    late = creates(range(6, 9), 2)  # customer 7 exists, with a newer update
+    assert await write_batch(pool, fold([e.to_row() for e in late]), []) == {0: 2, 1: 1}
+    assert await table(pool) == oracle([*new, newer_update, *late])
+    # Sent again: every key exists and nothing is newer; nothing changes.
+    assert await write_batch(pool, fold([e.to_row() for e in late]), []) == {}
+    assert await table(pool) == oracle([*new, newer_update, *late])
+
+
+async def test_concurrent_batches_of_creates_over_the_same_keys(pool: asyncpg.Pool) -> None:
+    # Two workers insert the same new customers at once: one waits for the other, finds the keys
+    # taken, and folds its creates into the rows instead.
+    first = [
+        Event("shop-a", "create", cid, 1, f"a{cid}@x.cz", "A", True, None) for cid in range(1, 301)
+    ]
+    second = [
+        Event("shop-a", "create", cid, 2, f"b{cid}@x.cz", "B", False, None) for cid in range(1, 301)
+    ]
+    await asyncio.gather(write_in_batches(pool, [first]), write_in_batches(pool, [second]))
+    assert await table(pool) == oracle(first + second)

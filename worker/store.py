@@ -62,7 +62,7 @@ def _time(column: str) -> str:
 # Built from the constant fragments above only; the data travels through COPY.
 # A temporary table has no index and is never scanned in parallel: the SELECT reads it in the
 # order it was written, which is key order, so concurrent workers lock rows in one global order.
-UPSERT = f"""
+INSERT = f"""
 INSERT INTO customers AS c (
     project_name, customer_id, email, code, deleted_at, version_at, version_rank, version_fp,
     active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at)
@@ -70,7 +70,9 @@ SELECT project_name, customer_id, email, code, {_time("deleted_at")}, {_time("ve
     version_rank, version_fp, active_yn, blocked_yn, {_time("status_at")}, status_rank,
     status_fp, {_time("created_at")}, {_time("updated_at")}
 FROM pg_temp.{BATCH_TABLE}
-ON CONFLICT (project_name, customer_id) DO UPDATE SET
+"""  # noqa: S608
+
+UPSERT = f"""{INSERT}ON CONFLICT (project_name, customer_id) DO UPDATE SET
     email        = CASE WHEN {_NEWER} THEN EXCLUDED.email ELSE c.email END,
     code         = CASE WHEN {_NEWER} THEN EXCLUDED.code ELSE c.code END,
     deleted_at   = CASE WHEN {_NEWER} THEN EXCLUDED.deleted_at ELSE c.deleted_at END,
@@ -90,7 +92,7 @@ WHERE {_NEWER} OR {_STATUS_NEWER}
    OR (c.created_at IS NULL AND EXCLUDED.created_at IS NOT NULL)
    OR EXCLUDED.updated_at > c.updated_at
    OR (c.updated_at IS NULL AND EXCLUDED.updated_at IS NOT NULL)
-"""  # noqa: S608
+"""
 
 # The rows the upsert changed, counted by the event whose data they show afterwards: a count,
 # not a row per key, which would cost the worker more than the upsert itself.
@@ -167,7 +169,10 @@ async def write_batch(
             await conn.copy_records_to_table(
                 BATCH_TABLE, schema_name="pg_temp", columns=BATCH_COLUMNS, records=_batch(rows)
             )
-            changed = dict(await conn.fetch(UPSERT_COUNTING_CHANGES))
+            if all(r.version_rank == 0 for r in rows) and await _insert_if_all_new(conn):
+                changed = {0: len(rows)}
+            else:
+                changed = dict(await conn.fetch(UPSERT_COUNTING_CHANGES))
         if rejected:
             await conn.execute(
                 INSERT_REJECTED,
@@ -180,6 +185,22 @@ async def write_batch(
                 [r.rejected.position for r in rejected],
             )
     return changed
+
+
+async def _insert_if_all_new(conn: asyncpg.Connection) -> bool:
+    """Insert the batch as new rows; False, having written nothing, when a key already exists.
+
+    A batch of creates is usually all new customers (a shop's import), and a plain INSERT costs
+    Postgres about a third less than the upsert's speculative insertion (`python -m bench.run`).
+    When a key exists (a create sent again, or another worker was first), the savepoint undoes
+    this statement only, and the caller's upsert decides by event time as always.
+    """
+    try:
+        async with conn.transaction():  # a savepoint
+            await conn.execute(INSERT)
+    except asyncpg.UniqueViolationError:
+        return False
+    return True
 
 
 def _batch(rows: list[Row]) -> list[tuple[object, ...]]:
