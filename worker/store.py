@@ -39,7 +39,7 @@ _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
 # Times travel as int8 microseconds since the Unix epoch (fold.Row holds them so) and become
 # timestamptz in the upsert: asyncpg encodes an int8 for a fraction of what a datetime costs.
 BATCH_TABLE = "customer_batch"
-BATCH_COLUMNS = Row.__struct_fields__
+BATCH_COLUMNS = Row.__struct_fields__  # a Row's fields are the columns, in this order
 CREATE_BATCH_TABLE = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
     project_name text, customer_id bigint, email text, code text, deleted_at bigint,
@@ -167,7 +167,10 @@ async def write_batch(
         if rows:
             await conn.execute(CREATE_BATCH_TABLE)
             await conn.copy_records_to_table(
-                BATCH_TABLE, schema_name="pg_temp", columns=BATCH_COLUMNS, records=_batch(rows)
+                BATCH_TABLE,
+                schema_name="pg_temp",
+                columns=BATCH_COLUMNS,
+                records=map(astuple, rows),  # a tuple at a time, as asyncpg encodes them
             )
             if all(r.version_rank == 0 for r in rows) and await _insert_if_all_new(conn):
                 changed = {0: len(rows)}
@@ -201,11 +204,6 @@ async def _insert_if_all_new(conn: asyncpg.Connection) -> bool:
     except asyncpg.UniqueViolationError:
         return False
     return True
-
-
-def _batch(rows: list[Row]) -> list[tuple[object, ...]]:
-    """The rows as BATCH_COLUMNS tuples: a Row's fields are these columns, in this order."""
-    return [astuple(r) for r in rows]
 
 
 def _migrations() -> list[tuple[int, str, str]]:
