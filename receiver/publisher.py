@@ -145,6 +145,9 @@ class Publisher:
             outcome = NotStored("the broker did not confirm in time")
         except NotStored as exc:
             outcome = exc
+        except Exception as exc:
+            log.exception("publishing a bundle failed")
+            outcome = NotStored(f"publishing failed: {type(exc).__name__}")
         for _, future in bundle:
             if not future.done():
                 if outcome is None:
