@@ -7,6 +7,9 @@ when one of them dies, stops the others and exits non-zero for the orchestrator 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -26,8 +29,9 @@ from receiver.app import create_app
 
 log = logging.getLogger("receiver")
 
-# Set by the supervisor for the receivers it starts.
+# Set by the supervisor for the receivers it starts: its process id.
 SUPERVISED = "UPGATES_RECEIVER_SUPERVISED"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def main() -> None:
@@ -39,8 +43,11 @@ def main() -> None:
         print(f"receiver: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
-    if settings.receiver_processes > 1 and SUPERVISED not in os.environ:
+    supervisor = os.environ.get(SUPERVISED)
+    if supervisor is None and settings.receiver_processes > 1:
         raise SystemExit(supervise(settings))
+    if supervisor is not None:
+        die_with(int(supervisor))
     keep_freed_memory()
     log.info(
         "receiver listening", extra={"host": settings.receiver_host, "port": settings.receiver_port}
@@ -63,7 +70,7 @@ def supervise(settings: Settings) -> int:
     """Run RECEIVER_PROCESSES receivers until a signal stops them; the exit status."""
     # Each receiver writes its metrics to files here; any of them answers /metrics with the sum.
     metrics_dir = tempfile.mkdtemp(prefix="upgates-receiver-metrics-")
-    env = {**os.environ, SUPERVISED: "1", MULTIPROCESS_DIR: metrics_dir}
+    env = {**os.environ, SUPERVISED: str(os.getpid()), MULTIPROCESS_DIR: metrics_dir}
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -91,7 +98,18 @@ def supervise(settings: Settings) -> int:
         codes = [first if child.pid == pid else child.wait() for child in children]
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0 if stopping and not any(codes) else 1
+    # A receiver still starting when the signal came dies of it: that too is a clean stop.
+    clean = {0, -signal.SIGTERM, -signal.SIGINT}
+    return 0 if stopping and all(code in clean for code in codes) else 1
+
+
+def die_with(supervisor: int) -> None:
+    """Get SIGTERM when the supervisor dies, however it dies (Linux): no receiver outlives it."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before that took effect
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

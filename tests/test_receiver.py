@@ -1003,3 +1003,20 @@ async def test_when_one_process_dies_the_others_stop_and_the_exit_is_non_zero(
         return not _alive(second)
 
     await wait_until(gone, timeout=5)
+
+
+async def test_no_receiver_outlives_a_killed_supervisor(
+    settings: Settings, spawn: Spawn, http: aiohttp.ClientSession
+) -> None:
+    # SIGKILL leaves the supervisor no chance to pass anything on: the receivers must still go,
+    # or they would keep the port (and the broker's messages) after a restart elsewhere.
+    proc = spawn("receiver", RECEIVER_PROCESSES="2")
+    await _wait_ready(http, f"http://{settings.receiver_host}:{settings.receiver_port}")
+    children = _children(proc)
+    proc.kill()
+    proc.wait()
+
+    async def gone() -> bool:
+        return not any(_alive(pid) for pid in children)
+
+    await wait_until(gone, timeout=10)
