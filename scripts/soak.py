@@ -456,6 +456,7 @@ class Options:
     keep_logs: bool
     max_faults: int
     tracers: bool
+    receiver_processes: int = 1
 
 
 def private_dir(prefix: str) -> Path:
@@ -566,7 +567,9 @@ class Soak:
             self.proxies[name] = await Proxy("127.0.0.1", port).start()
         amqp = "amqp://guest:guest@127.0.0.1:{}/"
         receiver_settings = service_settings(
-            amqp.format(self.proxies["amqp-receiver"].port), self.database_url
+            amqp.format(self.proxies["amqp-receiver"].port),
+            self.database_url,
+            receiver_processes=options.receiver_processes,
         )
         worker_settings = service_settings(
             amqp.format(self.proxies["amqp-workers"].port),
@@ -1000,6 +1003,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--no-tracers", action="store_true", help="no tracer customer in each payload"
     )
+    parser.add_argument(
+        "--receiver-processes", type=int, default=1, help="RECEIVER_PROCESSES of the receiver (1)"
+    )
     args = parser.parse_args(argv)
     if args.faults == "all":
         faults = QUICK_FAULTS if args.quick else FAULTS
@@ -1029,6 +1035,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         keep_logs=args.keep_logs,
         max_faults=args.max_faults,
         tracers=not args.no_tracers,
+        receiver_processes=pick(args.receiver_processes, 1, 1),
     )
 
 
