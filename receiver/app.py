@@ -195,7 +195,7 @@ async def _read_and_publish(
 ) -> tuple[web.Response, str | None, int]:
     try:
         async with asyncio.timeout(settings.body_read_timeout):
-            body = await request.read()
+            body = await _read_body(request, settings.max_body_bytes)
     except TimeoutError:
         return error(408, "body not received in time"), None, 0
     except web.HTTPRequestEntityTooLarge:
@@ -239,6 +239,19 @@ async def _read_and_publish(
         project,
         records,
     )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, copied once: `request.read()` grows a bytearray and copies it again, which is
+    a third of the receiver's memory traffic on a 1.3 MB payload (`python -m bench.run`)."""
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:  # chunked: no Content-Length to judge by before reading
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _encodable(text: str) -> bool:
