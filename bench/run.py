@@ -309,8 +309,10 @@ async def wait_visible(
 ) -> float:
     """Until every acknowledged row is in the table; the perf_counter time it was first seen.
 
-    The workers' committed-records counter is polled (cheap), then the table is checked; without
-    that counter the table itself is polled.
+    The workers' committed-records counter is polled, then the table is checked; without that
+    counter the table itself is polled. Each poll costs a worker a /metrics page, so the counter
+    is read every 0.2 s until the last 5% of the records, then every 20 ms: the end is seen as
+    precisely, and the polling does not weigh on the workers it measures.
     """
     deadline = time.monotonic() + limit
     conn = await asyncpg.connect(ctx.dsn)
@@ -322,7 +324,7 @@ async def wait_visible(
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"workers committed {committed} of {records} records")
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02 if committed >= 0.95 * records else 0.2)
         while True:
             seen = time.perf_counter()
             rows, updated = await conn.fetchrow("SELECT count(*), count(updated_at) FROM customers")
