@@ -125,6 +125,7 @@ class Service:
     role: str
     proc: subprocess.Popen[bytes]
     health_port: int
+    listeners: int = 1  # processes that must listen on health_port (a supervisor's receivers)
     cpu_start: float = 0.0
 
     @property
@@ -142,9 +143,16 @@ class Fleet:
     services: list[Service] = field(default_factory=list)
 
     def start(
-        self, role: str, module: str, health_port: int, nice: int = 0, **extra: str
+        self,
+        role: str,
+        module: str,
+        health_port: int,
+        nice: int = 0,
+        listeners: int = 1,
+        **extra: str,
     ) -> Service:
-        """Start `python -m module` with the fleet's environment plus `extra`."""
+        """Start `python -m module` with the fleet's environment plus `extra`; `listeners` of its
+        processes will listen on health_port."""
         index = sum(1 for s in self.services if s.role == role)
         log = (self.log_dir / f"{role}-{index}.log").open("ab")
         proc = subprocess.Popen(
@@ -155,7 +163,7 @@ class Fleet:
             cwd=ROOT,
         )
         log.close()
-        service = Service(role, proc, health_port)
+        service = Service(role, proc, health_port, listeners)
         self.services.append(service)
         return service
 
@@ -167,7 +175,8 @@ class Fleet:
         """Until every service listens and answers /readyz with 200; fail if one exits.
 
         Receivers share one port (SO_REUSEPORT): the kernel spreads new connections over them,
-        so that port must answer 200 many times in a row on fresh connections.
+        so every one of them must listen before the load opens its connections (which then stay
+        with the process they reached), and the port must answer 200 many times in a row.
         """
         deadline = time.monotonic() + timeout
 
@@ -184,13 +193,15 @@ class Fleet:
                 raise RuntimeError(f"not ready in {timeout} s; see {self.log_dir}")
 
         for service in self.services:
-            while not any(listening(pid, service.health_port) for pid in family(service.pid)):
+            while (
+                sum(listening(pid, service.health_port) for pid in family(service.pid))
+                < service.listeners
+            ):
                 check_alive()
                 await asyncio.sleep(0.05)
         ports: dict[int, int] = {}
         for service in self.services:
-            sharing = max(1, len(family(service.pid)) - 1)  # a supervisor's receivers share it
-            ports[service.health_port] = ports.get(service.health_port, 0) + sharing
+            ports[service.health_port] = ports.get(service.health_port, 0) + service.listeners
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as http:
             for port, sharing in ports.items():

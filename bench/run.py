@@ -392,7 +392,8 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
     worker_ports = []
     if scenario.design == "pipeline":
         fleet.start(
-            "receiver", "receiver", port, RECEIVER_HOST="127.0.0.1", RECEIVER_PORT=str(port),
+            "receiver", "receiver", port, listeners=options.receivers,
+            RECEIVER_HOST="127.0.0.1", RECEIVER_PORT=str(port),
             RECEIVER_PROCESSES=str(options.receivers),
         )  # fmt: skip
         for _ in range(scenario.workers):

@@ -61,10 +61,7 @@ _decode_bundle = msgspec.msgpack.Decoder(list[Webhook]).decode
 
 
 def pack(webhooks: list[Webhook]) -> aio_pika.Message:
-    """One persistent message for one webhook, or a bundle for several; compressed when large.
-
-    Runs in a thread for large bodies (zstd releases the GIL): nothing here touches the loop.
-    """
+    """One persistent message for one webhook, or a bundle for several; compressed when large."""
     if len(webhooks) == 1:
         webhook = webhooks[0]
         body, content_type, headers = webhook.body, JSON, webhook.headers()

@@ -160,10 +160,10 @@ class Publisher:
         exchange, channel = self._exchange, self._channel
         if exchange is None or channel is None or channel.is_closed:
             raise NotStored("not connected to the broker")
-        if sum(len(w.body) for w in webhooks) >= COMPRESS_FROM_BYTES:
-            message = await asyncio.to_thread(pack, webhooks)  # zstd releases the GIL
-        else:
-            message = pack(webhooks)
+        # Compressed right here, not in a thread: zstd takes ~2 ms for a 1.3 MB payload, and a
+        # thread's result waits for the GIL behind the loop's work, which under a burst of
+        # large payloads cost more CPU and tens of ms per request (`python -m bench.run`).
+        message = pack(webhooks)
         routing_key = ROUTING_KEYS[webhooks[0].event] if len(webhooks) == 1 else BUNDLE_ROUTING_KEY
         try:
             # mandatory + on_return_raises: an unroutable message raises instead of being
