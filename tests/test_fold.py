@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -17,6 +17,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from worker.fold import (
+    EPOCH,
+    PRAGUE,
     Rejected,
     Row,
     as_datetime,
@@ -137,6 +139,25 @@ def test_micros_is_exact_to_the_microsecond_at_both_ends_of_the_range() -> None:
         datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     ):
         assert as_datetime(micros(instant)) == instant
+
+
+@given(
+    st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31)),
+    st.none()
+    | st.timedeltas(
+        min_value=timedelta(hours=-23, minutes=-59), max_value=timedelta(hours=23, minutes=59)
+    ),
+)
+@example(datetime(2024, 10, 27, 2, 30), None)  # the hour Prague lives twice
+@example(datetime(2024, 3, 31, 2, 30), None)  # the hour Prague skips
+@example(datetime(2024, 10, 1, 10, 0, 0, 123456), timedelta(hours=1))
+def test_micros_from_the_fields_is_the_same_as_from_subtraction(
+    local: datetime, offset: timedelta | None
+) -> None:
+    # micros reads a fixed-offset time from its fields (the fast way); naive is Prague time.
+    at = local if offset is None else local.replace(tzinfo=timezone(offset))
+    expected = (at.replace(tzinfo=PRAGUE) if offset is None else at) - EPOCH
+    assert micros(at) == expected // timedelta(microseconds=1)
 
 
 @pytest.mark.parametrize(
