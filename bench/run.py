@@ -1,6 +1,6 @@
 """The benchmark: real receiver and worker processes, local RabbitMQ and Postgres, Upgates traffic.
 
-    python -m bench.run            # full run, ~5 minutes; results in bench/results/full.*
+    python -m bench.run            # full run, ~6 minutes; results in bench/results/full.*
     python -m bench.run --quick    # smoke, ~20 s; bench/results/quick.*
 
 Each run makes its own RabbitMQ vhost (rabbitmqctl) and Postgres database and removes them at the
