@@ -232,8 +232,9 @@ async def _read_and_publish(
     metrics.records.labels(event).inc(records)
     metrics.bytes.inc(len(body))
     return (
-        web.json_response(
-            {"accepted": records, "request_id": request_id},
+        web.Response(
+            body=schema.json_encoder.encode({"accepted": records, "request_id": request_id}),
+            content_type="application/json",
             headers={"X-Request-Id": request_id},
         ),
         project,
