@@ -42,7 +42,7 @@ from common.message import (
 )
 from common.settings import Settings
 from common.topology import BUNDLE_ROUTING_KEY, QUEUE, Topology, declare_topology
-from receiver.publisher import Publisher
+from receiver.publisher import BUNDLES_IN_FLIGHT, Publisher
 from tests.conftest import _consuming, post, wait_until
 from tests.test_admin import admin, dead_count
 from tests.test_isolation import dead_letters
@@ -222,26 +222,26 @@ async def loop_iterations(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-async def test_webhooks_arriving_while_two_bundles_await_confirms_wait_as_one(
+async def test_webhooks_arriving_while_bundles_await_confirms_wait_as_one(
     publisher: Publisher, settings: Settings
 ) -> None:
-    first, second, *rest = [webhook("create", envelope(customer(i))) for i in range(10)]
-    tasks = [asyncio.create_task(publisher.publish(first))]
-    await loop_iterations()  # out, alone, awaiting its confirm
-    tasks.append(asyncio.create_task(publisher.publish(second)))
-    await loop_iterations()  # out too: BUNDLES_IN_FLIGHT (2) reached
+    sent = [webhook("create", envelope(customer(i))) for i in range(BUNDLES_IN_FLIGHT + 9)]
+    alone, rest = sent[:BUNDLES_IN_FLIGHT], sent[BUNDLES_IN_FLIGHT:]
+    tasks = []
+    for item in alone:  # out at once, each alone, awaiting its confirm
+        tasks.append(asyncio.create_task(publisher.publish(item)))
+        await loop_iterations()
     for item in rest:  # each in a loop iteration of its own: only the limit makes them wait
         tasks.append(asyncio.create_task(publisher.publish(item)))
         await loop_iterations()
     # The premise: a quorum queue confirms after a disk write, far slower than these few
     # loop iterations. Were it not so, the test could not tell anything.
-    assert not tasks[0].done()
-    assert not tasks[1].done()
+    assert not any(task.done() for task in tasks[:BUNDLES_IN_FLIGHT])
     await asyncio.gather(*tasks)
 
     messages = await published(settings)
-    assert [unpack(m) for m in messages] == [[first], [second], rest]
-    assert [m.content_type for m in messages] == [JSON, JSON, BUNDLE]
+    assert [unpack(m) for m in messages] == [[item] for item in alone] + [rest]
+    assert [m.content_type for m in messages] == [JSON] * BUNDLES_IN_FLIGHT + [BUNDLE]
 
 
 # --- through a real receiver ------------------------------------------------------------------
