@@ -32,6 +32,7 @@ from common import schema
 
 PRAGUE = ZoneInfo("Europe/Prague")
 _encode = msgspec.json.Encoder().encode
+_BLAKE2B_16 = hashlib.blake2b(digest_size=16)  # fingerprint() copies it
 RANK = {"create": 0, "update": 1, "delete": 2}
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -113,9 +114,6 @@ def fingerprint(
     digest = _BLAKE2B_16.copy()  # a third cheaper than a new hash object with its keywords
     digest.update(_encode((email, code, active, blocked)))
     return digest.digest()
-
-
-_BLAKE2B_16 = hashlib.blake2b(digest_size=16)
 
 
 def _newest(a: int | None, b: int | None) -> int | None:
