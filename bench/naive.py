@@ -21,7 +21,7 @@ from aiohttp import web
 
 from common import schema
 from worker.fold import decode_payload, fold
-from worker.store import RejectedFrom, write_batch
+from worker.store import RejectedFrom, open_pool, write_batch
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 TOKEN = web.AppKey("token", str)
@@ -57,7 +57,7 @@ async def ready(request: web.Request) -> web.Response:
 
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     # asyncpg's default pool size (10): what a first version would use.
-    async with asyncpg.create_pool(os.environ["DATABASE_URL"]) as pool:
+    async with open_pool(os.environ["DATABASE_URL"]) as pool:
         app[POOL] = pool
         yield
 

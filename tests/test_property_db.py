@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import PG_ADMIN
 from tests.test_fold import Event, delivered, events_strategy, oracle
-from worker.fold import decode_payload, fold
-from worker.store import RejectedFrom, migrate, write_batch
+from worker.fold import FIRST_US, LAST_US, as_datetime, decode_payload, fold
+from worker.store import RejectedFrom, migrate, open_pool, write_batch
 
 KINDS = ("create", "update", "delete")
 COLUMNS = (
@@ -40,7 +40,7 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
         await migrate(conn)
     finally:
         await conn.close()
-    async with asyncpg.create_pool(database, min_size=2, max_size=2) as created:
+    async with open_pool(database, min_size=2, max_size=2) as created:
         yield created
 
 
@@ -62,7 +62,7 @@ async def czech_pool() -> AsyncIterator[asyncpg.Pool]:
         await migrate(conn)
     finally:
         await conn.close()
-    async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as created:
+    async with open_pool(dsn, min_size=1, max_size=2) as created:
         yield created
     admin = await asyncpg.connect(PG_ADMIN)
     try:
@@ -209,8 +209,9 @@ async def test_null_and_empty_text_in_the_same_second_any_order(
 
 
 async def test_a_batch_of_creates_is_inserted_or_else_folded(pool: asyncpg.Pool) -> None:
-    # A batch of creates is first tried as a plain INSERT (new customers, an import). A key that
-    # exists makes that fail and leaves nothing behind: the upsert then decides by event time.
+    # A batch of creates is first COPY'd straight into the table (new customers, an import). A
+    # key that exists makes that fail and leaves nothing behind: the upsert then decides by
+    # event time.
     def creates(cids: range, second: int) -> list[Event]:
         return [
             Event("shop-a", "create", cid, second, f"c{cid}@x.cz", "C", True, False) for cid in cids
@@ -239,3 +240,14 @@ async def test_concurrent_batches_of_creates_over_the_same_keys(pool: asyncpg.Po
     ]
     await asyncio.gather(write_in_batches(pool, [first]), write_in_batches(pool, [second]))
     assert await table(pool) == oracle(first + second)
+
+
+async def test_times_travel_as_microseconds_both_ways(pool: asyncpg.Pool) -> None:
+    # The worker's connections take a time as microseconds since the Unix epoch (how fold.Row
+    # holds it) or as a datetime, and give datetimes back; exact at both ends of the range.
+    for value in (FIRST_US, -1, 0, 1, 1_705_309_200_123_456, LAST_US):
+        assert await pool.fetchval("SELECT $1::timestamptz", value) == as_datetime(value)
+        assert await pool.fetchval("SELECT $1::timestamptz", as_datetime(value)) == as_datetime(
+            value
+        )
+    assert await pool.fetchval("SELECT $1::timestamptz = 'epoch'", 0)

@@ -44,6 +44,7 @@ from worker.store import (
     is_data_error,
     is_transient,
     migrate,
+    open_pool,
     purge_rejected,
     write_batch,
 )
@@ -279,7 +280,7 @@ class Worker:
                     await conn.close()
                 if applied:
                     log.info("schema migrated", extra={"applied": applied})
-                self.pool = await asyncpg.create_pool(
+                self.pool = await open_pool(
                     self.settings.database_url,
                     min_size=1,
                     max_size=self.settings.db_pool_size,
