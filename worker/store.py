@@ -50,7 +50,8 @@ def _decode_time(value: tuple[int]) -> datetime:
     return _PG_EPOCH + value[0] * MICROSECOND
 
 
-async def _times_as_micros(conn: asyncpg.Connection) -> None:
+async def times_as_micros(conn: asyncpg.Connection) -> None:
+    """Let this connection take a timestamptz as int microseconds since the Unix epoch."""
     await conn.set_type_codec(
         "timestamptz",
         schema="pg_catalog",
@@ -62,7 +63,7 @@ async def _times_as_micros(conn: asyncpg.Connection) -> None:
 
 def open_pool(dsn: str, **options: Any) -> asyncpg.Pool:
     """A connection pool write_batch can use (its connections take a time as an int)."""
-    return asyncpg.create_pool(dsn, init=_times_as_micros, **options)
+    return asyncpg.create_pool(dsn, init=times_as_micros, **options)
 
 
 # Any other batch is COPY'd into this session-local table, then upserted from it in one
