@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from msgspec.structs import astuple
 
-from worker.fold import EPOCH, MICROSECOND, Rejected, Row
+from worker.fold import Rejected, Row, as_datetime, micros
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,16 @@ _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
 # take a timestamptz as an int too: microseconds since the Unix epoch, as fold.Row holds every
 # time. asyncpg sends it as the int8 Postgres stores, and neither side builds a datetime.
 # Datetimes still work, and reads still give them.
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_PG_EPOCH_US = (_PG_EPOCH - EPOCH) // MICROSECOND
+_PG_EPOCH_US = micros(datetime(2000, 1, 1, tzinfo=UTC))  # Postgres counts from 2000
 
 
 def _encode_time(value: int | datetime) -> tuple[int]:
-    if type(value) is int:
-        return (value - _PG_EPOCH_US,)
-    return ((value - _PG_EPOCH) // MICROSECOND,)  # type: ignore[operator]
+    at = value if isinstance(value, int) else micros(value)
+    return (at - _PG_EPOCH_US,)
 
 
 def _decode_time(value: tuple[int]) -> datetime:
-    return _PG_EPOCH + value[0] * MICROSECOND
+    return as_datetime(value[0] + _PG_EPOCH_US)
 
 
 async def times_as_micros(conn: asyncpg.Connection) -> None:
@@ -201,7 +199,7 @@ async def write_batch(
     async with pool.acquire() as conn, conn.transaction():
         changed: dict[int, int] = {}
         if rows:
-            if all(r.version_rank == 0 for r in rows) and await _insert_if_all_new(conn, rows):
+            if all(r.version_rank == 0 for r in rows) and await _copy_if_all_new(conn, rows):
                 changed = {0: len(rows)}
             else:
                 await conn.execute(CREATE_BATCH_TABLE)
@@ -226,7 +224,7 @@ async def write_batch(
     return changed
 
 
-async def _insert_if_all_new(conn: asyncpg.Connection, rows: list[Row]) -> bool:
+async def _copy_if_all_new(conn: asyncpg.Connection, rows: list[Row]) -> bool:
     """COPY the rows straight into the table; False, having written nothing, when a key exists.
 
     A batch of creates is usually all new customers (a shop's import), and COPY into the table
