@@ -202,7 +202,7 @@ async def retention(settings: Settings, args: argparse.Namespace, out: Out) -> i
     """Apply both retention periods now (the workers also do it every RETENTION_INTERVAL)."""
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
     try:
-        purged = await purge_rejected(pool, _cutoff(settings.rejected_retention_days))
+        purged = await purge_rejected(pool, settings.rejected_retention_days)
     finally:
         await pool.close()
     out(f"purged {purged} rejected record(s) older than {settings.rejected_retention_days} days")

@@ -14,8 +14,9 @@ give the same row. `store.UPSERT` applies the same join between a folded row and
 - created_at is the newest creation_time seen, updated_at the newest last_update_time seen:
   in the time-ordered replay every create and update is applied, whatever lost afterwards.
 
-Times are integers here: microseconds since the Unix epoch, UTC. They compare and hash faster than
-datetimes, and travel to Postgres as int8, which costs a fraction of encoding a datetime.
+Times are integers here: microseconds since 2000-01-01 UTC, which is how Postgres stores a
+timestamptz. They compare and hash faster than datetimes, and travel to Postgres as that int8
+itself (store.open_pool), which costs asyncpg a fraction of encoding a datetime.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _encode = msgspec.json.Encoder().encode
 _BLAKE2B_16 = hashlib.blake2b(digest_size=16)  # fingerprint() copies it
 RANK = {"create": 0, "update": 1, "delete": 2}
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Postgres' epoch: it stores a timestamptz as int8 microseconds since this instant.
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 # The instants a datetime can hold in UTC: a time outside them is rejected, as before it was kept.
 FIRST_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // MICROSECOND
@@ -67,7 +69,7 @@ class Row(msgspec.Struct, gc=False):
     customer_id: int
     email: str | None
     code: str | None
-    deleted_at: int | None  # every time: microseconds since the Unix epoch (UTC)
+    deleted_at: int | None  # every time: microseconds since EPOCH (2000-01-01 UTC)
     version_at: int
     version_rank: int
     version_fp: bytes
@@ -127,7 +129,7 @@ def _newest(a: int | None, b: int | None) -> int | None:
 def parse_time(text: str) -> int:
     """ISO 8601 with `+01:00`, `+0100` or `Z`; without an offset, Europe/Prague local time.
 
-    Microseconds since the Unix epoch. msgspec's parser first (the one the fast path of
+    Microseconds since EPOCH. msgspec's parser first (the one the fast path of
     decode_payload uses, so both paths read a time alike), then Python's, which takes more forms.
     """
     try:
@@ -138,7 +140,7 @@ def parse_time(text: str) -> int:
 
 
 def micros(at: datetime) -> int:
-    """A datetime as microseconds since the Unix epoch; naive means Europe/Prague local time.
+    """A datetime as microseconds since EPOCH; naive means Europe/Prague local time.
 
     Raises ValueError outside the years 1-9999 in UTC.
     """
@@ -162,7 +164,7 @@ def micros(at: datetime) -> int:
 
 
 def as_datetime(value: int) -> datetime:
-    """Microseconds since the Unix epoch as a UTC datetime (for people and tests)."""
+    """Microseconds since EPOCH as a UTC datetime (for people and tests)."""
     return EPOCH + value * MICROSECOND
 
 

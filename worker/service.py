@@ -626,7 +626,7 @@ class Worker:
 async def apply_retention(settings: Settings, pool: asyncpg.Pool) -> tuple[int, int]:
     """Purge rejected records and dead letters older than their retention; (rows, letters)."""
     now = datetime.now(UTC)
-    rows = await purge_rejected(pool, now - timedelta(days=settings.rejected_retention_days))
+    rows = await purge_rejected(pool, settings.rejected_retention_days)
     cutoff = now - timedelta(days=settings.dead_letter_retention_days)
     letters = 0
     async with open_dead_letters(settings) as dlq:

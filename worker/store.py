@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from msgspec.structs import astuple
 
-from worker.fold import Rejected, Row, as_datetime, micros
+from worker.fold import Rejected, Row, micros
 
 log = logging.getLogger(__name__)
 
@@ -32,35 +32,21 @@ _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
       (EXCLUDED.status_at, EXCLUDED.status_rank, EXCLUDED.status_fp)
     > (c.status_at, c.status_rank, c.status_fp)))"""
 
-# A batch of new customers is COPY'd straight into the table. For that, the worker's connections
-# take a timestamptz as an int too: microseconds since the Unix epoch, as fold.Row holds every
-# time. asyncpg sends it as the int8 Postgres stores, and neither side builds a datetime.
-# Datetimes still work, and reads still give them.
-_PG_EPOCH_US = micros(datetime(2000, 1, 1, tzinfo=UTC))  # Postgres counts from 2000
-
-
-def _encode_time(value: int | datetime) -> tuple[int]:
-    at = value if isinstance(value, int) else micros(value)
-    return (at - _PG_EPOCH_US,)
-
-
-def _decode_time(value: tuple[int]) -> datetime:
-    return as_datetime(value[0] + _PG_EPOCH_US)
+# The worker's connections exchange a timestamptz as the int8 Postgres stores: microseconds
+# since 2000-01-01 UTC, which is how fold.Row holds every time. asyncpg then encodes a time in C,
+# as any int8, for a fraction of what a datetime costs (with a Python codec taking ints, the COPY
+# of a batch of new customers cost the worker half as much again). Both ways: a time given to
+# such a connection must be an int, and one read from it is an int (fold.as_datetime makes it a
+# datetime).
 
 
 async def times_as_micros(conn: asyncpg.Connection) -> None:
-    """Let this connection take a timestamptz as int microseconds since the Unix epoch."""
-    await conn.set_type_codec(
-        "timestamptz",
-        schema="pg_catalog",
-        encoder=_encode_time,
-        decoder=_decode_time,
-        format="tuple",  # asyncpg's tuple for a timestamptz: (microseconds since 2000,)
-    )
+    """Let this connection exchange a timestamptz as int8 microseconds since 2000-01-01 UTC."""
+    await conn.set_builtin_type_codec("timestamptz", schema="pg_catalog", codec_name="int8")
 
 
 def open_pool(dsn: str, **options: Any) -> asyncpg.Pool:
-    """A connection pool write_batch can use (its connections take a time as an int)."""
+    """A connection pool write_batch can use (its connections exchange times as ints)."""
     return asyncpg.create_pool(dsn, init=times_as_micros, **options)
 
 
@@ -68,40 +54,26 @@ def open_pool(dsn: str, **options: Any) -> asyncpg.Pool:
 # statement. Binary COPY costs the worker half the CPU of binding 15 arrays (asyncpg checks every
 # array element), and the server less too. The table lives as long as the connection; its rows
 # go at COMMIT or ROLLBACK, so a retried batch starts empty.
-#
-# Its times are int8 and become timestamptz in the upsert: asyncpg encodes an int8 in C, for
-# less than the codec above costs in Python, and Postgres converts it for about as little.
 BATCH_TABLE = "customer_batch"
 BATCH_COLUMNS = Row.__struct_fields__  # a Row's fields are the columns, in this order
 CREATE_BATCH_TABLE = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
-    project_name text, customer_id bigint, email text, code text, deleted_at bigint,
-    version_at bigint, version_rank smallint, version_fp bytea, active_yn boolean,
-    blocked_yn boolean, status_at bigint, status_rank smallint, status_fp bytea,
-    created_at bigint, updated_at bigint
+    project_name text, customer_id bigint, email text, code text, deleted_at timestamptz,
+    version_at timestamptz, version_rank smallint, version_fp bytea, active_yn boolean,
+    blocked_yn boolean, status_at timestamptz, status_rank smallint, status_fp bytea,
+    created_at timestamptz, updated_at timestamptz
 ) ON COMMIT DELETE ROWS
 """
 
-
-def _time(column: str) -> str:
-    # Seconds and microseconds apart: Postgres multiplies an interval as a float8, which is exact
-    # only up to 2**53 microseconds (the year 2255).
-    return (
-        f"timestamptz 'epoch' + ({column} / 1000000) * interval '1 second'"
-        f" + ({column} % 1000000) * interval '1 microsecond'"
-    )
-
-
-# Built from the constant fragments above only; the data travels through COPY.
+# Built from constants only; the data travels through COPY.
 # A temporary table has no index and is never scanned in parallel: the SELECT reads it in the
 # order it was written, which is key order, so concurrent workers lock rows in one global order.
 INSERT = f"""
 INSERT INTO customers AS c (
     project_name, customer_id, email, code, deleted_at, version_at, version_rank, version_fp,
     active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at)
-SELECT project_name, customer_id, email, code, {_time("deleted_at")}, {_time("version_at")},
-    version_rank, version_fp, active_yn, blocked_yn, {_time("status_at")}, status_rank,
-    status_fp, {_time("created_at")}, {_time("updated_at")}
+SELECT project_name, customer_id, email, code, deleted_at, version_at, version_rank,
+    version_fp, active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at
 FROM pg_temp.{BATCH_TABLE}
 """  # noqa: S608
 
@@ -217,7 +189,7 @@ async def write_batch(
                 [r.rejected.event for r in rejected],
                 [r.rejected.reason for r in rejected],
                 [r.rejected.record for r in rejected],
-                [r.received_at for r in rejected],
+                [micros(r.received_at) for r in rejected],
                 [r.request_id for r in rejected],
                 [r.rejected.position for r in rejected],
             )
@@ -298,10 +270,12 @@ async def ensure_database(dsn: str) -> None:
         await admin.close()
 
 
-PURGE_REJECTED = "DELETE FROM rejected_records WHERE received_at < $1"
+# The age in days, not an instant: a time parameter would need a datetime on an ordinary
+# connection and an int on the worker's (open_pool), and this runs on both.
+PURGE_REJECTED = "DELETE FROM rejected_records WHERE received_at < now() - $1 * interval '1 day'"
 
 
-async def purge_rejected(pool: asyncpg.Pool, before: datetime) -> int:
-    """Delete rejected records received before `before` (they hold personal data)."""
-    status = await pool.execute(PURGE_REJECTED, before)
+async def purge_rejected(pool: asyncpg.Pool, older_than_days: float) -> int:
+    """Delete rejected records received more than so many days ago (they hold personal data)."""
+    status = await pool.execute(PURGE_REJECTED, float(older_than_days))
     return int(status.rsplit(" ", 1)[-1])
