@@ -42,7 +42,12 @@ _STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
 
 async def times_as_micros(conn: asyncpg.Connection) -> None:
     """Let this connection exchange a timestamptz as int8 microseconds since 2000-01-01 UTC."""
-    await conn.set_builtin_type_codec("timestamptz", schema="pg_catalog", codec_name="int8")
+    await conn.set_builtin_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        codec_name="int8",
+        format="binary",  # binary only: the text form of an int8 is no time Postgres would read
+    )
 
 
 def open_pool(dsn: str, **options: Any) -> asyncpg.Pool:
