@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +34,85 @@ def _n(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per scenario, over its runs (--repeat): medians and ranges, worst cases.
+
+    The target figures are judged on the medians; the answers at or over 1 s and the answers
+    other than 200 are the sums over every run, and the peak memory the largest.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        runs.setdefault(result["name"], []).append(result)
+    entries = []
+    for name, of in runs.items():
+        first = of[0]
+        entry: dict[str, Any] = {
+            "name": name,
+            "kind": first["kind"],
+            "design": first["design"],
+            "workers": first["workers"],
+            "runs": len(of),
+            "accepted": _spread([r["accepted"] for r in of]),
+            "not_200": sum(r["requests"] - r["accepted"] for r in of),
+            "answers_over_1s": sum(r["answers_over_1s"] for r in of),
+            "p50_ms": _spread([r["latency_ms"]["p50"] for r in of]),
+            "p99_ms": _spread([r["latency_ms"]["p99"] for r in of]),
+            "max_ms": max(r["latency_ms"]["max"] for r in of),
+            "webhooks_per_s": _spread([r["webhooks_per_s"] for r in of]),
+            "e2e_records_per_s": _spread([r["e2e_records_per_s"] for r in of]),
+            "worker_peak_rss_mb": max((r["worker_peak_rss_mb"] or 0) for r in of) or None,
+        }
+        if all("floor_ratio" in r for r in of):
+            entry["floor_ratio"] = _spread([r["floor_ratio"] for r in of])
+        if first["kind"] == "everyday":
+            entry["keep_up"] = _spread(
+                [r["e2e_records_per_s"] / r["acked_records_per_s"] for r in of]
+            )
+        entries.append(entry)
+    return entries
+
+
+def _shown(spread: dict[str, float], form: str = ",.0f") -> str:
+    """The median, and the range when there were several runs."""
+    median = format(spread["median"], form)
+    if spread["min"] == spread["max"]:
+        return median
+    return f"{median} ({format(spread['min'], form)}-{format(spread['max'], form)})"
+
+
 def markdown(document: dict[str, Any]) -> str:
     """The table the README shows."""
     floor = document["floor"]
+    repeat = document["config"].get("repeat", 1)
     lines = [
         "| scenario | design | workers | webhooks | not 200 | ack p50 / p99 / max (ms) "
         "| answers >= 1 s | webhooks/s | end-to-end records/s | x floor | worker peak RSS (MiB) |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for r in document["scenarios"]:
-        latency = r["latency_ms"]
-        ratio = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-"
+    for r in document["summary"]:
+        ratio = _shown(r["floor_ratio"], ".2f") if "floor_ratio" in r else "-"
         rss = f"{r['worker_peak_rss_mb']:.0f}" if r["worker_peak_rss_mb"] else "-"
-        e2e = _n(r["e2e_records_per_s"])
+        e2e = _shown(r["e2e_records_per_s"])
         if r["kind"] == "everyday":
-            keep_up = r["e2e_records_per_s"] / r["acked_records_per_s"]
-            e2e = f"{e2e} ({keep_up:.2f} x acked)"
+            e2e = f"{e2e}, {r['keep_up']['median']:.2f} x acked"
         lines.append(
             f"| {LABELS.get(r['name'], r['name'])} | {r['design']} | {r['workers'] or '-'} "
-            f"| {r['accepted']} | {r['requests'] - r['accepted']} "
-            f"| {latency['p50']:.0f} / {latency['p99']:.0f} / "
-            f"{latency['max']:.0f} | {r['answers_over_1s']} | {_n(r['webhooks_per_s'])} "
+            f"| {_n(r['accepted']['median'])} | {r['not_200']} "
+            f"| {r['p50_ms']['median']:.0f} / {_shown(r['p99_ms'], '.0f')} / {r['max_ms']:.0f} "
+            f"| {r['answers_over_1s']} | {_shown(r['webhooks_per_s'])} "
             f"| {e2e} | {ratio} | {rss} |"
         )
+    if repeat > 1:
+        lines += [
+            "",
+            f"Each scenario ran {repeat} times ({repeat} rounds of all of them): the median, and "
+            "in brackets the lowest and highest; `not 200` and `answers >= 1 s` are summed over "
+            "the runs, the max latency and the peak memory are the highest of them.",
+        ]
     m = document["machine"]
     config = document["config"]
     lines += [
@@ -85,17 +142,22 @@ def chart(document: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_name = {r["name"]: r for r in document["scenarios"]}
+    entries = document["summary"]  # medians, with the range of the runs as error bars
+    by_name = {r["name"]: r for r in entries}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
 
-    bursts = [r for r in document["scenarios"] if r["kind"] == "burst" and r["workers"] != 1]
-    bursts = [r for r in bursts if not r["name"].startswith("scale-")]
-    names = [r["name"] for r in bursts]
-    axes[0].bar(
-        names,
-        [r["floor_ratio"] for r in bursts],
-        color=["tab:blue" if r["design"] == "pipeline" else "tab:gray" for r in bursts],
-    )
+    def medians(of: list[dict[str, Any]], key: str) -> tuple[list[float], list[list[float]]]:
+        values = [r[key]["median"] for r in of]
+        below = [r[key]["median"] - r[key]["min"] for r in of]
+        above = [r[key]["max"] - r[key]["median"] for r in of]
+        return values, [below, above]
+
+    def color(r: dict[str, Any]) -> str:
+        return "tab:blue" if r["design"] == "pipeline" else "tab:gray"
+
+    bursts = [r for r in entries if "floor_ratio" in r and not r["name"].startswith("scale-")]
+    values, errors = medians(bursts, "floor_ratio")
+    axes[0].bar([r["name"] for r in bursts], values, yerr=errors, color=[color(r) for r in bursts])
     axes[0].axhline(1.0, color="tab:red", linestyle="--", label="keyed COPY floor")
     axes[0].axhline(0.5, color="tab:red", linestyle=":", label="0.5 x floor")
     axes[0].bar([0], [0], color="tab:blue", label="pipeline (queue)")
@@ -105,11 +167,12 @@ def chart(document: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     axes[0].tick_params(axis="x", labelrotation=20, labelsize=8)
 
-    every = list(document["scenarios"])
+    values, errors = medians(entries, "p99_ms")
     axes[1].bar(
-        [r["name"] for r in every],
-        [max(r["latency_ms"]["p99"], 0.1) for r in every],
-        color=["tab:blue" if r["design"] == "pipeline" else "tab:gray" for r in every],
+        [r["name"] for r in entries],
+        [max(v, 0.1) for v in values],
+        yerr=errors,
+        color=[color(r) for r in entries],
     )
     axes[1].axhline(1000, color="tab:red", linestyle="--", label="Upgates' 1 s timeout")
     axes[1].set_yscale("log")
@@ -117,12 +180,13 @@ def chart(document: dict[str, Any], path: Path) -> None:
     axes[1].legend(fontsize=8)
     axes[1].tick_params(axis="x", labelrotation=35, labelsize=7)
 
-    scaling = [
-        (n, by_name[name]["floor_ratio"])
+    scaled = [
+        (n, by_name[name])
         for n, name in ((1, "scale-1-worker"), (2, "burst-16"), (4, "scale-4-workers"))
-        if name in by_name
+        if name in by_name and "floor_ratio" in by_name[name]
     ]
-    axes[2].plot([n for n, _ in scaling], [v for _, v in scaling], marker="o", label="pipeline")
+    values, errors = medians([r for _, r in scaled], "floor_ratio")
+    axes[2].errorbar([n for n, _ in scaled], values, yerr=errors, marker="o", label="pipeline")
     axes[2].axhline(1.0, color="tab:red", linestyle="--", label="keyed COPY floor")
     axes[2].axhline(0.5, color="tab:red", linestyle=":", label="0.5 x floor")
     axes[2].set_ylim(0, 1.1)

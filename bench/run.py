@@ -81,6 +81,7 @@ class Options:
     py_spy: bool
     keep_logs: bool
     worker_nice: int
+    repeat: int = 1
 
 
 @dataclass
@@ -575,15 +576,19 @@ async def run(options: Options) -> dict[str, Any]:
         # from one minute to the next; a floor measured minutes away would compare two machines.
         floors: list[Floor] = []
         results = []
-        for scenario in scenarios(options):
-            if scenario.kind == "burst":
-                floors.append(await measure_floor(ctx.dsn, ctx.payloads))
-                print(f"bench: floor {floors[-1].records_per_s:,.0f} records/s", flush=True)
-            result = await run_scenario(ctx, scenario)
-            if scenario.kind == "burst":
-                result["floor_index"] = len(floors) - 1
-            results.append(result)
-            print(f"bench: {report.one_line(result)}", flush=True)
+        # --repeat N: N rounds of every scenario, rather than each scenario N times in a row, so
+        # that a slow minute lands on one run of several scenarios, not on all runs of one.
+        for round_number in range(1, options.repeat + 1):
+            for scenario in scenarios(options):
+                if scenario.kind == "burst":
+                    floors.append(await measure_floor(ctx.dsn, ctx.payloads))
+                    print(f"bench: floor {floors[-1].records_per_s:,.0f} records/s", flush=True)
+                result = await run_scenario(ctx, scenario)
+                result["round"] = round_number
+                if scenario.kind == "burst":
+                    result["floor_index"] = len(floors) - 1
+                results.append(result)
+                print(f"bench: {report.one_line(result)}", flush=True)
         if floors:
             floors.append(await measure_floor(ctx.dsn, ctx.payloads))
             print(f"bench: floor {floors[-1].records_per_s:,.0f} records/s", flush=True)
@@ -613,6 +618,7 @@ async def run(options: Options) -> dict[str, Any]:
             "receivers": options.receivers,
             "worker_nice": options.worker_nice,
             "everyday_seconds": options.everyday_seconds,
+            "repeat": options.repeat,
             "env": options.env,
         },
         "floor": {
@@ -622,6 +628,7 @@ async def run(options: Options) -> dict[str, Any]:
             "measurements": [asdict(f) | {"records_per_s": f.records_per_s} for f in floors],
         },
         "scenarios": results,
+        "summary": report.summary(results),
     }
     report.write(document, options.out, "quick" if options.quick else "full")
     return document
@@ -659,6 +666,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--time-limit", type=float, default=300.0, help="per scenario, seconds")
     parser.add_argument("--only", nargs="*", default=(), help="run only these scenarios")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every scenario this many times (in rounds); the report shows each one's "
+        "median and range",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="VAR=VALUE", help="service environment"
     )
     parser.add_argument("--py-spy", action="store_true", help="profile every process (py-spy)")
@@ -690,6 +704,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         py_spy=args.py_spy,
         keep_logs=args.keep_logs,
         worker_nice=args.worker_nice,
+        repeat=max(1, args.repeat),
     )
 
 

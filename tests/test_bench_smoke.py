@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import report
 from tests.conftest import ROOT
 
 SCENARIOS = {
@@ -43,7 +44,48 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         assert scenario["latency_ms"]["p99"] > 0, scenario
         if scenario["kind"] == "burst":
             assert "floor_ratio" in scenario, scenario
+    assert [entry["runs"] for entry in document["summary"]] == [1] * len(SCENARIOS)
     assert document["floor"]["records_per_s"] > 0
     assert {"cores", "ram_gib", "python", "postgres", "rabbitmq"} <= set(document["machine"])
     assert "| burst, 16 concurrent | pipeline |" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _run(name: str, ratio: float, p99: float, over_1s: int, rss: float | None) -> dict[str, object]:
+    return {
+        "name": name,
+        "kind": "burst",
+        "design": "pipeline",
+        "workers": 2,
+        "requests": 201,
+        "accepted": 200,
+        "answers_over_1s": over_1s,
+        "latency_ms": {"p50": p99 / 2, "p99": p99, "max": p99 + 10},
+        "webhooks_per_s": 300.0,
+        "e2e_records_per_s": 200_000.0,
+        "floor_ratio": ratio,
+        "worker_peak_rss_mb": rss,
+    }
+
+
+def test_repeated_runs_are_reported_as_median_and_range() -> None:
+    runs = [
+        _run("burst-16", 0.40, 120.0, 0, 63.0),
+        _run("burst-64", 0.38, 300.0, 1, 64.0),
+        _run("burst-16", 0.46, 110.0, 0, 65.0),
+        _run("burst-64", 0.39, 280.0, 0, 62.0),
+        _run("burst-16", 0.42, 150.0, 2, 64.0),
+    ]
+    burst16, burst64 = report.summary(runs)
+    assert burst16["name"] == "burst-16"
+    assert burst16["runs"] == 3
+    assert burst16["floor_ratio"] == {"median": 0.42, "min": 0.40, "max": 0.46}
+    assert burst16["p99_ms"] == {"median": 120.0, "min": 110.0, "max": 150.0}
+    assert burst16["max_ms"] == 160.0  # the worst run's
+    assert burst16["answers_over_1s"] == 2  # summed: the target is none in any run
+    assert burst16["not_200"] == 3
+    assert burst16["worker_peak_rss_mb"] == 65.0
+    assert burst64["floor_ratio"]["median"] == 0.385
+    shown = report._shown(burst16["floor_ratio"], ".2f")
+    assert shown == "0.42 (0.40-0.46)"
+    assert report._shown({"median": 5.0, "min": 5.0, "max": 5.0}) == "5"
