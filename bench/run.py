@@ -81,7 +81,7 @@ class Options:
     py_spy: bool
     keep_logs: bool
     worker_nice: int
-    repeat: int = 1
+    repeat: int
 
 
 @dataclass
@@ -685,6 +685,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         "compose file's cpu_shares",
     )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     env = dict(item.split("=", 1) for item in args.set)
     return Options(
         quick=args.quick,
@@ -704,7 +706,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         py_spy=args.py_spy,
         keep_logs=args.keep_logs,
         worker_nice=args.worker_nice,
-        repeat=max(1, args.repeat),
+        repeat=args.repeat,
     )
 
 
