@@ -363,6 +363,27 @@ def test_decode_payload_splits_good_and_bad_records() -> None:
     assert [r.record for r in rejected] == [records[i].decode() for i in (1, 3, 4, 5, 6)]
 
 
+@pytest.mark.parametrize("field", ["email", "code"])
+def test_decode_payload_rejects_a_nul_when_it_is_the_only_fault(field: str) -> None:
+    # Every other record is valid, so the one-pass decode succeeds: the NUL must still be found.
+    records = [raw(customer_id=cid, last_update_time=stamp(0), email="a@b.cz") for cid in (1, 2)]
+    records.insert(1, raw(customer_id=9, last_update_time=stamp(0), **{field: "a\x00b"}))
+    body = b'{"project_name": "p", "customers": [' + b", ".join(records) + b"]}"
+    _, rows, rejected = decode_payload("update", body)
+    assert [r.customer_id for r in rows] == [1, 2]
+    assert [(r.position, r.reason[:25]) for r in rejected] == [(1, "email or code holds text ")]
+
+
+def test_decode_payload_keeps_a_backslash_u0000_that_is_text() -> None:
+    # The JSON escape of a backslash followed by "u0000": six characters of text, no NUL.
+    record = raw(customer_id=1, last_update_time=stamp(0), email="a\\u0000b@c.cz")
+    assert b"\\\\u0000" in record
+    body = b'{"project_name": "p", "customers": [' + record + b"]}"
+    _, rows, rejected = decode_payload("update", body)
+    assert rejected == []
+    assert rows[0].email == "a\\u0000b@c.cz"
+
+
 def test_decode_payload_empty_customers() -> None:
     assert decode_payload("create", b'{"project_name": "p", "customers": []}') == ("p", [], [])
 

@@ -221,7 +221,20 @@ def _row(
         return f"missing {schema.TIME_FIELD[event]}"
     if not _storable(email) or not _storable(code):
         return "email or code holds text Postgres cannot store (NUL byte or invalid text)"
-    rank = RANK[event]
+    return _build(project, RANK[event], customer_id, email, code, at, active, blocked)
+
+
+def _build(
+    project: str,
+    rank: int,
+    customer_id: int,
+    email: str | None,
+    code: str | None,
+    at: int,
+    active: bool | None,
+    blocked: bool | None,
+) -> Row:
+    """The row of a usable record (checked by the caller), for an event of this rank."""
     if rank == 2:
         email = None  # a delete erases personal data
     fp = fingerprint(email, code, active, blocked)
@@ -287,8 +300,12 @@ def _lenient(value: Any, kind: type[Any]) -> Any:
         raise _Slow from None
 
 
-def _fast_rows(project: str, event: str, records: list[_FastRecord]) -> list[Row]:
+def _fast_rows(project: str, event: str, records: list[_FastRecord], clean: bool) -> list[Row]:
+    # The checks of _row, made cheaper where the fast path allows (this loop runs for every
+    # record): `clean` says no text in the payload can hold a NUL (decode_payload), and a lone
+    # surrogate never gets here (msgspec refuses it, and the payload goes the slow way).
     field = schema.TIME_FIELD[event]
+    rank = RANK[event]
     rows = []
     for record in records:
         customer_id, active, blocked = record.customer_id, record.active_yn, record.blocked_yn
@@ -305,13 +322,14 @@ def _fast_rows(project: str, event: str, records: list[_FastRecord]) -> list[Row
             at = micros(at)
         except (ValueError, OverflowError):
             raise _Slow from None
-        code = record.code
+        email, code = record.email, record.code
         if isinstance(code, int):
             code = str(code)
-        result = _row(project, event, customer_id, record.email, code, at, active, blocked)
-        if isinstance(result, str):
+        if not BIGINT_MIN <= customer_id <= BIGINT_MAX:
             raise _Slow
-        rows.append(result)
+        if not clean and (not _storable(email) or not _storable(code)):
+            raise _Slow
+        rows.append(_build(project, rank, customer_id, email, code, at, active, blocked))
     return rows
 
 
@@ -326,7 +344,10 @@ def decode_payload(event: str, body: bytes) -> tuple[str, list[Row], list[Reject
     """
     try:
         bulk: Any = _bulk_decoder.decode(body)
-        return bulk.project_name, _fast_rows(bulk.project_name, event, bulk.customers), []
+        # Decoded JSON text holds a NUL only where the body has the escape \u0000 (a raw NUL is
+        # malformed JSON); without one, no record's text needs looking at.
+        clean = b"\\u0000" not in body
+        return bulk.project_name, _fast_rows(bulk.project_name, event, bulk.customers, clean), []
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, _Slow):
         pass
     envelope = schema.envelope_decoder.decode(body)
