@@ -302,8 +302,8 @@ def _lenient(value: Any, kind: type[Any]) -> Any:
 
 def _fast_rows(project: str, event: str, records: list[_FastRecord], clean: bool) -> list[Row]:
     # The checks of _row, made cheaper where the fast path allows (this loop runs for every
-    # record): `clean` says no text in the payload can hold a NUL (decode_payload), and a lone
-    # surrogate never gets here (msgspec refuses it, and the payload goes the slow way).
+    # record): `clean` says no text in the payload can hold a NUL (decode_payload), and no text
+    # here holds a lone surrogate (msgspec refuses its escape anywhere in a body).
     field = schema.TIME_FIELD[event]
     rank = RANK[event]
     rows = []
