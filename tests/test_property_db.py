@@ -19,9 +19,11 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import astuple
 
 from tests.conftest import PG_ADMIN
 from tests.test_fold import Event, delivered, events_strategy, oracle
+from worker import store
 from worker.fold import FIRST_US, LAST_US, as_datetime, decode_payload, fold
 from worker.store import RejectedFrom, migrate, open_pool, write_batch
 
@@ -156,6 +158,71 @@ async def test_concurrent_batches_over_the_same_keys(pool: asyncpg.Pool) -> None
         await pool.execute("TRUNCATE customers")
 
 
+def updates_of(worker: int) -> list[Event]:
+    """One worker's batch of updates only: 300 customers in two shops, at seeded seconds, so
+    either batch may be the newer for a key; customers above 250 are in batch 0 only."""
+    events = []
+    for cid in range(1, 301):
+        if cid > 250 and worker == 1:
+            continue
+        second = random.Random(f"{worker}-{cid}").randrange(1, 7)
+        active = None if cid % 4 == 0 else (cid + worker) % 2 == 0  # some carry no status
+        for project in ("shop-a", "shop-b"):
+            email = f"{cid}-{worker}-{second}@x.cz"
+            events.append(Event(project, "update", cid, second, email, f"W{worker}", active, None))
+    return events
+
+
+async def test_concurrent_batches_of_one_event_over_the_same_keys(pool: asyncpg.Pool) -> None:
+    # A batch of one event is MERGEd, not upserted. Two workers updating overlapping customers
+    # at once, each newer on some keys, half of the customers not in the table yet (both insert
+    # them: one meets the other's new keys and falls back to the upsert): the table ends as the
+    # replay of all events, whichever comes first.
+    existing = [
+        Event(project, "create", cid, 0, f"{cid}@x.cz", "C", True, False)
+        for cid in range(1, 151)
+        for project in ("shop-a", "shop-b")
+    ]
+    first, second = updates_of(0), updates_of(1)
+    expected = oracle(existing + first + second)
+    for order in ((first, second), (second, first), (first, second)):
+        await pool.execute("TRUNCATE customers")
+        await write_in_batches(pool, [existing])
+        await asyncio.gather(*(write_in_batches(pool, [batch]) for batch in order))
+        assert await table(pool) == expected
+
+
+async def test_a_key_inserted_while_a_batch_of_updates_is_merged(database: str) -> None:
+    # MERGE inserts a customer it does not find, and cannot settle one that another transaction
+    # inserts meanwhile (a unique violation): the batch is then upserted instead, by event time,
+    # and reported as such. Without that, the whole batch would be dead-lettered as bad data.
+    conn = await asyncpg.connect(database)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    older = Event("shop-a", "create", 2, 1, "old@x.cz", "C", True, False)
+    newer = [Event("shop-a", "update", cid, 5, f"{cid}@x.cz", "U", None, None) for cid in (1, 2)]
+    async with (
+        open_pool(database, min_size=1, max_size=1) as other,
+        open_pool(database, min_size=1, max_size=1) as pool,
+    ):
+        async with other.acquire() as first, first.transaction():
+            await first.execute(store.CREATE_BATCH_TABLE)
+            await first.copy_records_to_table(
+                store.BATCH_TABLE,
+                schema_name="pg_temp",
+                columns=store.BATCH_COLUMNS,
+                records=[astuple(older.to_row())],
+            )
+            await first.execute(store.UPSERT)  # customer 2, not committed yet
+            merging = asyncio.create_task(write_batch(pool, fold([e.to_row() for e in newer]), []))
+            await asyncio.sleep(0.5)  # the MERGE waits for the other insert's outcome
+            assert not merging.done()
+        assert await merging == {1: 2}
+        assert await table(pool) == oracle([older, *newer])
+
+
 async def test_rejected_records_are_stored_with_the_rows(pool: asyncpg.Pool) -> None:
     # One batch holds rows and rejected records: both land, and a redelivery adds nothing twice.
     body = (
@@ -233,7 +300,9 @@ async def test_a_batch_of_creates_is_inserted_or_else_folded(pool: asyncpg.Pool)
     newer_update = Event("shop-a", "update", 7, 3, "u7@x.cz", "U", None, None)
     await write_in_batches(pool, [[newer_update]])
     late = creates(range(6, 9), 2)  # customer 7 exists, with a newer update
-    assert await write_batch(pool, fold([e.to_row() for e in late]), []) == {0: 2, 1: 1}
+    # All three change the table (7 gains its creation time) and count as creates, the event
+    # of their row in the batch.
+    assert await write_batch(pool, fold([e.to_row() for e in late]), []) == {0: 3}
     assert await table(pool) == oracle([*new, newer_update, *late])
     # Sent again: every key exists and nothing is newer; nothing changes.
     assert await write_batch(pool, fold([e.to_row() for e in late]), []) == {}

@@ -77,7 +77,7 @@ class WorkerMetrics:
         )
         self.rows = Counter(
             "upgates_worker_rows",
-            "Folded rows written, by the event of their newest data and by outcome: changed "
+            "Folded rows written, by the event of their newest record and by outcome: changed "
             "the table, or stale (it already reflected something as new or newer).",
             ["event", "outcome"],
             registry=r,
@@ -586,8 +586,8 @@ class Worker:
         self, decoded: list[Decoded], rows: list[Row], changed: dict[int, int], took: float
     ) -> None:
         metrics = self.metrics
-        # Changed rows count under the event whose data they show now; the batch's other rows,
-        # stale, under the event of their own newest data.
+        # Rows count under the event of their newest record in the batch (store.write_batch
+        # counts the changed ones so); the rest were stale.
         written = Tally(r.version_rank for r in rows)
         for rank, event in enumerate(schema.EVENTS):
             metrics.rows.labels(event, "changed").inc(changed.get(rank, 0))

@@ -1,7 +1,8 @@
 """Postgres: the schema migrations and the one transaction that writes a batch.
 
-The event-time rules live in UPSERT's `DO UPDATE ... WHERE`, so the database, not a worker's
-memory, decides what is newer; several workers can write the same customers at once.
+The event-time rules live in the SQL (UPSERT's `DO UPDATE ... WHERE`, MERGE's `WHEN` clauses),
+so the database, not a worker's memory, decides what is newer; several workers can write the
+same customers at once.
 """
 
 from __future__ import annotations
@@ -24,13 +25,22 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK = 0x75706761746573  # "upgates"
 RETENTION_LOCK = MIGRATION_LOCK + 1
 
+
 # An event's data wins when its (time, rank, fingerprint) is greater; see fold.Row.merge, which
-# is the same join in Python. bytea compares like Python bytes.
-_NEWER = """(EXCLUDED.version_at, EXCLUDED.version_rank, EXCLUDED.version_fp)
+# is the same join in Python. bytea compares like Python bytes. `new` is the batch's row.
+def _rules(new: str) -> tuple[str, str, str]:
+    """When the new row's data, its status, its creation or update time is newer than c's."""
+    data = f"""({new}.version_at, {new}.version_rank, {new}.version_fp)
     > (c.version_at, c.version_rank, c.version_fp)"""
-_STATUS_NEWER = """(EXCLUDED.status_at IS NOT NULL AND (c.status_at IS NULL OR
-      (EXCLUDED.status_at, EXCLUDED.status_rank, EXCLUDED.status_fp)
+    status = f"""({new}.status_at IS NOT NULL AND (c.status_at IS NULL OR
+      ({new}.status_at, {new}.status_rank, {new}.status_fp)
     > (c.status_at, c.status_rank, c.status_fp)))"""
+    times = f"""({new}.created_at > c.created_at
+   OR (c.created_at IS NULL AND {new}.created_at IS NOT NULL)
+   OR {new}.updated_at > c.updated_at
+   OR (c.updated_at IS NULL AND {new}.updated_at IS NOT NULL))"""
+    return data, status, times
+
 
 # The worker's connections exchange a timestamptz as the int8 Postgres stores: microseconds
 # since 2000-01-01 UTC, which is how fold.Row holds every time. asyncpg then encodes a time in C,
@@ -55,7 +65,7 @@ def open_pool(dsn: str, **options: Any) -> asyncpg.Pool:
     return asyncpg.create_pool(dsn, init=times_as_micros, **options)
 
 
-# Any other batch is COPY'd into this session-local table, then upserted from it in one
+# Any other batch is COPY'd into this session-local table, then applied from it in one
 # statement. Binary COPY costs the worker half the CPU of binding 15 arrays (asyncpg checks every
 # array element), and the server less too. The table lives as long as the connection; its rows
 # go at COMMIT or ROLLBACK, so a retried batch starts empty.
@@ -71,8 +81,9 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
 """
 
 # Built from constants only; the data travels through COPY.
-# A temporary table has no index and is never scanned in parallel: the SELECT reads it in the
-# order it was written, which is key order, so concurrent workers lock rows in one global order.
+# A temporary table has no index and is never scanned in parallel: the SELECT (and MERGE's
+# nested loop) reads it in the order it was written, which is key order, so concurrent workers
+# lock rows in one global order.
 INSERT = f"""
 INSERT INTO customers AS c (
     project_name, customer_id, email, code, deleted_at, version_at, version_rank, version_fp,
@@ -82,6 +93,7 @@ SELECT project_name, customer_id, email, code, deleted_at, version_at, version_r
 FROM pg_temp.{BATCH_TABLE}
 """  # noqa: S608
 
+_NEWER, _STATUS_NEWER, _TIMES_NEWER = _rules("EXCLUDED")
 UPSERT = f"""{INSERT}ON CONFLICT (project_name, customer_id) DO UPDATE SET
     email        = CASE WHEN {_NEWER} THEN EXCLUDED.email ELSE c.email END,
     code         = CASE WHEN {_NEWER} THEN EXCLUDED.code ELSE c.code END,
@@ -97,19 +109,43 @@ UPSERT = f"""{INSERT}ON CONFLICT (project_name, customer_id) DO UPDATE SET
     created_at   = GREATEST(c.created_at, EXCLUDED.created_at),  -- GREATEST skips NULLs
     updated_at   = GREATEST(c.updated_at, EXCLUDED.updated_at),
     ingested_at  = now()
-WHERE {_NEWER} OR {_STATUS_NEWER}
-   OR EXCLUDED.created_at > c.created_at
-   OR (c.created_at IS NULL AND EXCLUDED.created_at IS NOT NULL)
-   OR EXCLUDED.updated_at > c.updated_at
-   OR (c.updated_at IS NULL AND EXCLUDED.updated_at IS NOT NULL)
+WHERE {_NEWER} OR {_STATUS_NEWER} OR {_TIMES_NEWER}
 """
 
-# The rows the upsert changed, counted by the event whose data they show afterwards: a count,
-# not a row per key, which would cost the worker more than the upsert itself.
+# The rows the upsert changed, counted by the event of their row in the batch: a count, not a
+# row per key, which would cost the worker more than the upsert itself.
 UPSERT_COUNTING_CHANGES = f"""
-WITH written AS ({UPSERT} RETURNING version_rank)
-SELECT version_rank, count(*)::int FROM written GROUP BY version_rank
+WITH written AS ({UPSERT} RETURNING project_name, customer_id)
+SELECT b.version_rank, count(*)::int
+FROM written JOIN pg_temp.{BATCH_TABLE} AS b USING (project_name, customer_id)
+GROUP BY b.version_rank
 """  # noqa: S608
+
+# A batch of one event (a shop's bulk update, say) is applied by MERGE instead, the same rules
+# as the upsert's in WHEN clauses: each row's comparisons are made once, where the upsert's
+# SET repeats them for every column, and a row found is updated without a separate probe for
+# the conflict and lock. Postgres' CPU for a batch of updates a quarter less (0.69-0.72 against
+# 0.91-0.92 s per 200,000, three alternating pairs). An index lookup per row (a nested loop) is
+# what makes it cheap: Postgres would rather hash the whole table. MERGE cannot settle a new key
+# that another transaction inserts meanwhile (a unique violation): the upsert then does.
+_B_NEWER, _B_STATUS_NEWER, _B_TIMES_NEWER = _rules("b")
+_DATA = """email = b.email, code = b.code, deleted_at = b.deleted_at,
+        version_at = b.version_at, version_rank = b.version_rank, version_fp = b.version_fp"""
+_STATUS = """active_yn = b.active_yn, blocked_yn = b.blocked_yn,
+        status_at = b.status_at, status_rank = b.status_rank, status_fp = b.status_fp"""
+_TIMES = """created_at = GREATEST(c.created_at, b.created_at),
+        updated_at = GREATEST(c.updated_at, b.updated_at), ingested_at = now()"""
+MERGE = f"""
+MERGE INTO customers AS c USING pg_temp.{BATCH_TABLE} AS b
+ON c.project_name = b.project_name AND c.customer_id = b.customer_id
+WHEN MATCHED AND {_B_NEWER} AND {_B_STATUS_NEWER} THEN UPDATE SET {_DATA}, {_STATUS}, {_TIMES}
+WHEN MATCHED AND {_B_NEWER} THEN UPDATE SET {_DATA}, {_TIMES}
+WHEN MATCHED AND {_B_STATUS_NEWER} THEN UPDATE SET {_STATUS}, {_TIMES}
+WHEN MATCHED AND {_B_TIMES_NEWER} THEN UPDATE SET {_TIMES}
+WHEN NOT MATCHED THEN INSERT ({", ".join(BATCH_COLUMNS)})
+    VALUES ({", ".join("b." + column for column in BATCH_COLUMNS)})
+"""  # noqa: S608
+LOOKUP_PER_ROW = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
 
 INSERT_REJECTED = """
 INSERT INTO rejected_records (
@@ -166,8 +202,8 @@ async def write_batch(
 ) -> dict[int, int]:
     """Write folded rows and rejected records in one transaction; the rows it changed, by rank.
 
-    The count of changed rows by the version_rank they have afterwards (0 create, 1 update,
-    2 delete). A row not changed was stale: the table already reflected something as new.
+    The count of changed rows by their version_rank in the batch (0 create, 1 update, 2 delete).
+    A row not changed was stale: the table already reflected something as new.
 
     `pool` comes from open_pool. `rows` must be folded (one per key) and in key order: writing
     keys in one global order keeps concurrent workers from deadlocking (and a deadlock that
@@ -176,7 +212,8 @@ async def write_batch(
     async with pool.acquire() as conn, conn.transaction():
         changed: dict[int, int] = {}
         if rows:
-            if all(r.version_rank == 0 for r in rows) and await _copy_if_all_new(conn, rows):
+            ranks = {r.version_rank for r in rows}
+            if ranks == {0} and await _copy_if_all_new(conn, rows):
                 changed = {0: len(rows)}
             else:
                 await conn.execute(CREATE_BATCH_TABLE)
@@ -186,7 +223,11 @@ async def write_batch(
                     columns=BATCH_COLUMNS,
                     records=map(astuple, rows),  # a tuple at a time, as asyncpg encodes them
                 )
-                changed = dict(await conn.fetch(UPSERT_COUNTING_CHANGES))
+                merged = await _merge_unless_raced(conn) if len(ranks) == 1 else None
+                if merged is not None:
+                    changed = {ranks.pop(): merged} if merged else {}
+                else:
+                    changed = dict(await conn.fetch(UPSERT_COUNTING_CHANGES))
         if rejected:
             await conn.execute(
                 INSERT_REJECTED,
@@ -208,7 +249,7 @@ async def _copy_if_all_new(conn: asyncpg.Connection, rows: list[Row]) -> bool:
     costs Postgres a third less than going through the batch table and INSERT, which in turn
     costs a third less than the upsert's speculative insertion (`python -m bench.run`). When a
     key exists (a create sent again, or another worker was first), the savepoint undoes the
-    COPY only, and the caller's upsert decides by event time as always.
+    COPY only, and the caller's MERGE or upsert decides by event time as always.
     """
     try:
         async with conn.transaction():  # a savepoint
@@ -218,6 +259,18 @@ async def _copy_if_all_new(conn: asyncpg.Connection, rows: list[Row]) -> bool:
     except asyncpg.UniqueViolationError:
         return False
     return True
+
+
+async def _merge_unless_raced(conn: asyncpg.Connection) -> int | None:
+    """MERGE the batch table into the table: the rows changed; None, having written nothing,
+    when another transaction inserted one of the batch's new keys meanwhile."""
+    try:
+        async with conn.transaction():  # a savepoint; its rollback also undoes the SET LOCAL
+            await conn.execute(LOOKUP_PER_ROW)
+            status = await conn.execute(MERGE)
+    except asyncpg.UniqueViolationError:
+        return None
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _migrations() -> list[tuple[int, str, str]]:
