@@ -125,9 +125,10 @@ GROUP BY b.version_rank
 # as the upsert's in WHEN clauses: each row's comparisons are made once, where the upsert's
 # SET repeats them for every column, and a row found is updated without a separate probe for
 # the conflict and lock. Postgres' CPU for a batch of updates a quarter less (0.69-0.72 against
-# 0.91-0.92 s per 200,000, three alternating pairs). An index lookup per row (a nested loop) is
-# what makes it cheap: Postgres would rather hash the whole table. MERGE cannot settle a new key
-# that another transaction inserts meanwhile (a unique violation): the upsert then does.
+# 0.91-0.92 s per 200,000, three alternating pairs). An index lookup per row (a nested loop)
+# keeps it cheap and locks rows in the batch's key order: the planner chose it in the probes,
+# and is told to. MERGE cannot settle a new key that another transaction inserts meanwhile (a
+# unique violation): the upsert then does.
 _B_NEWER, _B_STATUS_NEWER, _B_TIMES_NEWER = _rules("b")
 _DATA = """email = b.email, code = b.code, deleted_at = b.deleted_at,
         version_at = b.version_at, version_rank = b.version_rank, version_fp = b.version_fp"""
