@@ -76,7 +76,7 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return entries
 
 
-def _shown(spread: dict[str, float], form: str = ",.0f") -> str:
+def shown(spread: dict[str, float], form: str = ",.0f") -> str:
     """The median, and the range when there were several runs."""
     median = format(spread["median"], form)
     if spread["min"] == spread["max"]:
@@ -94,16 +94,16 @@ def markdown(document: dict[str, Any]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in document["summary"]:
-        ratio = _shown(r["floor_ratio"], ".2f") if "floor_ratio" in r else "-"
+        ratio = shown(r["floor_ratio"], ".2f") if "floor_ratio" in r else "-"
         rss = f"{r['worker_peak_rss_mb']:.0f}" if r["worker_peak_rss_mb"] else "-"
-        e2e = _shown(r["e2e_records_per_s"])
+        e2e = shown(r["e2e_records_per_s"])
         if r["kind"] == "everyday":
             e2e = f"{e2e}, {r['keep_up']['median']:.2f} x acked"
         lines.append(
             f"| {LABELS.get(r['name'], r['name'])} | {r['design']} | {r['workers'] or '-'} "
             f"| {_n(r['accepted']['median'])} | {r['not_200']} "
-            f"| {r['p50_ms']['median']:.0f} / {_shown(r['p99_ms'], '.0f')} / {r['max_ms']:.0f} "
-            f"| {r['answers_over_1s']} | {_shown(r['webhooks_per_s'])} "
+            f"| {r['p50_ms']['median']:.0f} / {shown(r['p99_ms'], '.0f')} / {r['max_ms']:.0f} "
+            f"| {r['answers_over_1s']} | {shown(r['webhooks_per_s'])} "
             f"| {e2e} | {ratio} | {rss} |"
         )
     if repeat > 1:

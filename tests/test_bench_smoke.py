@@ -86,6 +86,6 @@ def test_repeated_runs_are_reported_as_median_and_range() -> None:
     assert burst16["not_200"] == 3
     assert burst16["worker_peak_rss_mb"] == 65.0
     assert burst64["floor_ratio"]["median"] == 0.385
-    shown = report._shown(burst16["floor_ratio"], ".2f")
+    shown = report.shown(burst16["floor_ratio"], ".2f")
     assert shown == "0.42 (0.40-0.46)"
-    assert report._shown({"median": 5.0, "min": 5.0, "max": 5.0}) == "5"
+    assert report.shown({"median": 5.0, "min": 5.0, "max": 5.0}) == "5"
