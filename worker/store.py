@@ -84,13 +84,10 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
 # A temporary table has no index and is never scanned in parallel: the SELECT (and MERGE's
 # nested loop) reads it in the order it was written, which is key order, so concurrent workers
 # lock rows in one global order.
+_COLUMNS = ", ".join(BATCH_COLUMNS)
 INSERT = f"""
-INSERT INTO customers AS c (
-    project_name, customer_id, email, code, deleted_at, version_at, version_rank, version_fp,
-    active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at)
-SELECT project_name, customer_id, email, code, deleted_at, version_at, version_rank,
-    version_fp, active_yn, blocked_yn, status_at, status_rank, status_fp, created_at, updated_at
-FROM pg_temp.{BATCH_TABLE}
+INSERT INTO customers AS c ({_COLUMNS})
+SELECT {_COLUMNS} FROM pg_temp.{BATCH_TABLE}
 """  # noqa: S608
 
 _NEWER, _STATUS_NEWER, _TIMES_NEWER = _rules("EXCLUDED")
@@ -143,7 +140,7 @@ WHEN MATCHED AND {_B_NEWER} AND {_B_STATUS_NEWER} THEN UPDATE SET {_DATA}, {_STA
 WHEN MATCHED AND {_B_NEWER} THEN UPDATE SET {_DATA}, {_TIMES}
 WHEN MATCHED AND {_B_STATUS_NEWER} THEN UPDATE SET {_STATUS}, {_TIMES}
 WHEN MATCHED AND {_B_TIMES_NEWER} THEN UPDATE SET {_TIMES}
-WHEN NOT MATCHED THEN INSERT ({", ".join(BATCH_COLUMNS)})
+WHEN NOT MATCHED THEN INSERT ({_COLUMNS})
     VALUES ({", ".join("b." + column for column in BATCH_COLUMNS)})
 """  # noqa: S608
 LOOKUP_PER_ROW = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
