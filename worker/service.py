@@ -144,7 +144,8 @@ class Subscription:
             return
         await self.stop()
         # The prefetch bounds what RabbitMQ pushes ahead of our acks: memory follows it, not
-        # the backlog. Normally it holds more than a batch, so the next arrives during a COMMIT.
+        # the backlog. It holds several batches of full payloads, so the next is in hand during
+        # a COMMIT; a batch of small webhooks may take all of it (see Settings.prefetch).
         self._cautious = cautious
         await self.channel.set_qos(prefetch_count=self.prefetch)
         self._tag = await self.topology.queue.consume(self._inbox.put)
