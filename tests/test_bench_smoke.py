@@ -7,12 +7,13 @@ scenario ran, every webhook it counted was answered, and the three result files 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from bench import report
-from tests.conftest import ROOT
+from tests.conftest import PG_ADMIN, ROOT
 
 SCENARIOS = {
     "burst-16",
@@ -49,6 +50,25 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     assert {"cores", "ram_gib", "python", "postgres", "rabbitmq"} <= set(document["machine"])
     assert "| burst, 16 concurrent | pipeline |" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_write_cost_probe_reports_each_phase_and_drops_its_database() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.write_cost", "--pg-url", PG_ADMIN, "--rounds", "1",
+         "--shops", "1", "--blocks", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.fullmatch(
+        r"creates [\d.]+ s \(floor [\d.]+\), updates [\d.]+ s \(floor [\d.]+\), "
+        r"the same updates again [\d.]+ s\n",
+        result.stdout,
+    ), result.stdout
+    listed = subprocess.run(
+        ["psql", PG_ADMIN, "-Atc", "SELECT datname FROM pg_database"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "bench_cost_" not in listed.stdout
 
 
 def _run(name: str, ratio: float, p99: float, over_1s: int, rss: float | None) -> dict[str, object]:
