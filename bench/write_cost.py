@@ -6,8 +6,8 @@ In a database of its own (dropped at the end), one connection writes the burst's
 its updates, through `store.write_batch` in batches of two full payloads (10,000 rows, the
 default BATCH_MAX_RECORDS), then the same updates again: nothing is left to change, so that
 phase costs what getting the rows into the batch table and finding each one costs, without
-writing a new version of any. Then the floor's COPY (bench/floor.py) of each phase into an empty
-keyed table. Each phase starts after a CHECKPOINT. Reported: CPU seconds of the Postgres
+writing a new version of any. Then each phase is COPY'd into an empty keyed table, as the floor
+is (bench/floor.py). Each phase starts after a CHECKPOINT. Reported: CPU seconds of the Postgres
 processes serving the database and of its WAL writer, checkpointer and background writer, as
 bench.run counts them, read from /proc (the server must run on this machine).
 """
