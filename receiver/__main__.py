@@ -7,6 +7,7 @@ when one of them dies, stops the others and exits non-zero for the orchestrator 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -32,6 +33,42 @@ log = logging.getLogger("receiver")
 # Set by the supervisor for the receivers it starts: its process id.
 SUPERVISED = "UPGATES_RECEIVER_SUPERVISED"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Once the listener is closed, how long a connection accepted just before has to send its
+# request before it is closed unanswered (see serve).
+ACCEPTED_GRACE = 0.25
+# Then, how long the requests in flight have to finish their publish and answer.
+SHUTDOWN_TIMEOUT = 5.0
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; then stop listening and answer what was accepted.
+
+    aiohttp's run_app closes every connection with no request read yet right after it closes
+    the listener, and a connection the kernel handed over a moment before, its request still in
+    the socket, is then closed unanswered. The grace lets such a request be read and answered.
+    """
+    runner = web.AppRunner(
+        create_app(settings),
+        access_log=None,  # the access log would print ?token=...; we log one line per request
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.receiver_host, settings.receiver_port, reuse_port=True)
+        await site.start()
+        log.info(
+            "receiver listening",
+            extra={"host": settings.receiver_host, "port": settings.receiver_port},
+        )
+        await stop.wait()
+        await site.stop()
+        await asyncio.sleep(ACCEPTED_GRACE)
+    finally:
+        await runner.cleanup()  # closes idle connections, waits for the requests in flight
 
 
 def main() -> None:
@@ -49,21 +86,8 @@ def main() -> None:
     if supervisor is not None:
         die_with(int(supervisor))
     keep_freed_memory()
-    log.info(
-        "receiver listening", extra={"host": settings.receiver_host, "port": settings.receiver_port}
-    )
-    # run_app turns SIGTERM/SIGINT into a graceful shutdown: the listener closes and in-flight
-    # requests get up to shutdown_timeout to finish their publish and answer.
-    web.run_app(
-        create_app(settings),
-        host=settings.receiver_host,
-        port=settings.receiver_port,
-        access_log=None,  # the access log would print ?token=...; we log one line per request
-        print=None,
-        shutdown_timeout=5,
-        reuse_port=True,
-        loop=new_event_loop(),
-    )
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(settings))
 
 
 def supervise(settings: Settings) -> int:
