@@ -897,28 +897,34 @@ async def test_process_finishes_an_in_flight_publish_on_sigterm(
     assert message.headers["x-request-id"] == body["request_id"]
 
 
-async def test_process_answers_a_connection_accepted_just_before_sigterm(
-    settings: Settings, spawn: Spawn, http: aiohttp.ClientSession
+async def _answered_across_sigterm(
+    settings: Settings,
+    spawn: Spawn,
+    http: aiohttp.ClientSession,
+    body_before: int | None,
+    after: float,
 ) -> None:
-    # The kernel hands the receiver a connection; SIGTERM closes the listener before the request
-    # is read. That request must still be answered, not met with a closed connection.
+    """An update sent to a receiver process in two parts is answered 200 and published, and the
+    process exits 0: before SIGTERM, the head and `body_before` bytes of the body (nothing if
+    None); `after` seconds after it, the rest."""
     proc = spawn("receiver")
-    url = f"http://{settings.receiver_host}:{settings.receiver_port}"
-    await _wait_ready(http, url)
+    await _wait_ready(http, f"http://{settings.receiver_host}:{settings.receiver_port}")
     body = json.dumps(envelope(customer(1))).encode()
+    head = (
+        f"POST /webhooks/customers/update?token={TOKEN} HTTP/1.1\r\n"
+        f"Host: {settings.receiver_host}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    request = head + body
+    before = 0 if body_before is None else len(head) + body_before
     reader, writer = await asyncio.open_connection(settings.receiver_host, settings.receiver_port)
     try:
-        await asyncio.sleep(0.2)  # accepted, no request yet
+        writer.write(request[:before])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # accepted, and what was sent is read
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.05)  # the listener closes
-        writer.write(
-            (
-                f"POST /webhooks/customers/update?token={TOKEN} HTTP/1.1\r\n"
-                f"Host: {settings.receiver_host}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body
-        )
+        await asyncio.sleep(after)
+        writer.write(request[before:])
         await writer.drain()
         status_line = await asyncio.wait_for(reader.readline(), 5)
     finally:
@@ -929,6 +935,14 @@ async def test_process_answers_a_connection_accepted_just_before_sigterm(
     assert await _exit_code(proc, within=10) == 0
     [message] = await published(settings)
     assert message.body == body
+
+
+async def test_process_answers_a_connection_accepted_just_before_sigterm(
+    settings: Settings, spawn: Spawn, http: aiohttp.ClientSession
+) -> None:
+    # The kernel hands the receiver a connection; SIGTERM closes the listener before the request
+    # is read. That request must still be answered, not met with a closed connection.
+    await _answered_across_sigterm(settings, spawn, http, None, after=0.05)
 
 
 @pytest.mark.xfail(
@@ -940,35 +954,9 @@ async def test_process_answers_a_connection_accepted_just_before_sigterm(
 async def test_process_finishes_a_request_whose_body_is_arriving_on_sigterm(
     settings: Settings, spawn: Spawn, http: aiohttp.ClientSession
 ) -> None:
-    proc = spawn("receiver")
-    url = f"http://{settings.receiver_host}:{settings.receiver_port}"
-    await _wait_ready(http, url)
-    body = json.dumps(envelope(customer(1))).encode()
-    reader, writer = await asyncio.open_connection(settings.receiver_host, settings.receiver_port)
-    try:
-        writer.write(
-            (
-                f"POST /webhooks/customers/update?token={TOKEN} HTTP/1.1\r\n"
-                f"Host: {settings.receiver_host}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body[:10]
-        )
-        await writer.drain()
-        await asyncio.sleep(0.2)  # the request is in the handler, reading its body
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)  # longer than the grace after the listener closes
-        writer.write(body[10:])
-        await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), 5)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    assert status_line.startswith(b"HTTP/1.1 200 "), status_line
-    assert await _exit_code(proc, within=10) == 0
-    [message] = await published(settings)
-    assert message.body == body
+    # The request is in the handler, reading its body; the rest comes later than the grace
+    # after the listener closes.
+    await _answered_across_sigterm(settings, spawn, http, 10, after=0.5)
 
 
 # --- Several processes on one port (RECEIVER_PROCESSES) -------------------------------------------
