@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from msgspec.structs import astuple
@@ -43,13 +44,23 @@ async def checkpoint(conn: asyncpg.Connection) -> None:
         await conn.execute("CHECKPOINT")
 
 
+async def empty_table(conn: asyncpg.Connection) -> None:
+    """TABLE, new and empty: the columns and primary key of `customers`, nothing else."""
+    await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    await conn.execute(f"CREATE TABLE {TABLE} (LIKE customers INCLUDING ALL)")
+
+
+async def copy_rows(conn: asyncpg.Connection, tuples: list[tuple[Any, ...]]) -> None:
+    """COPY rows (as write_batch sends them: astuple of each Row) into TABLE."""
+    await conn.copy_records_to_table(TABLE, records=tuples, columns=BATCH_COLUMNS)
+
+
 async def measure_floor(dsn: str, payloads: list[Payload]) -> Floor:
     """COPY each phase's rows (built outside the timing) into an empty keyed table."""
     conn = await asyncpg.connect(dsn)
     try:
         await times_as_micros(conn)
-        await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-        await conn.execute(f"CREATE TABLE {TABLE} (LIKE customers INCLUDING ALL)")
+        await empty_table(conn)
         records = 0
         seconds = 0.0
         for event in ("create", "update"):
@@ -58,7 +69,7 @@ async def measure_floor(dsn: str, payloads: list[Payload]) -> Floor:
             await conn.execute(f"TRUNCATE {TABLE}")
             await checkpoint(conn)
             started = time.perf_counter()
-            await conn.copy_records_to_table(TABLE, records=tuples, columns=BATCH_COLUMNS)
+            await copy_rows(conn, tuples)
             seconds += time.perf_counter() - started
             records += sum(p.records for p in phase)
         await conn.execute(f"DROP TABLE {TABLE}")

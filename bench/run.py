@@ -134,7 +134,7 @@ def _with_vhost(url: str, vhost: str) -> str:
     return urlunsplit(parts._replace(path="/" + vhost.replace("/", "%2F")))
 
 
-def _with_database(dsn: str, name: str) -> str:
+def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
@@ -156,7 +156,7 @@ async def setup(options: Options) -> Context:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    dsn = _with_database(options.pg_url, name)
+    dsn = with_database(options.pg_url, name)
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)

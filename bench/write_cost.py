@@ -18,16 +18,16 @@ import argparse
 import asyncio
 import uuid
 from collections.abc import Awaitable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 from msgspec.structs import astuple
 
-from bench import procs
+from bench import floor, procs
 from bench.data import Payload, burst_payloads, rows_of
-from bench.floor import checkpoint
+from bench.run import with_database
 from worker.fold import Row, fold
-from worker.store import BATCH_COLUMNS, migrate, open_pool, times_as_micros, write_batch
+from worker.store import migrate, open_pool, times_as_micros, write_batch
 
 PAYLOADS_PER_BATCH = 2  # 10,000 records: BATCH_MAX_RECORDS
 
@@ -64,17 +64,14 @@ async def measure(dsn: str, payloads: list[Payload], rounds: int) -> list[dict[s
             cost: dict[str, float] = {}
             await conn.execute("TRUNCATE customers")
             for label, event in (("creates", "create"), ("updates", "update"), ("again", "update")):
-                await checkpoint(conn)
+                await floor.checkpoint(conn)
                 cost[label] = await _postgres_cpu(database, _write_all(pool, batches[event]))
             for label, event in (("floor creates", "create"), ("floor updates", "update")):
-                await conn.execute("DROP TABLE IF EXISTS cost_floor")
-                await conn.execute("CREATE TABLE cost_floor (LIKE customers INCLUDING ALL)")
-                await checkpoint(conn)
-                copy = conn.copy_records_to_table(
-                    "cost_floor", records=tuples[event], columns=BATCH_COLUMNS
-                )
+                await floor.empty_table(conn)
+                await floor.checkpoint(conn)
+                copy = floor.copy_rows(conn, tuples[event])
                 cost[label] = await _postgres_cpu(database, copy)
-            await conn.execute("DROP TABLE cost_floor")
+            await conn.execute(f"DROP TABLE {floor.TABLE}")
             results.append(cost)
             print(
                 f"creates {cost['creates']:.2f} s (floor {cost['floor creates']:.2f}), "
@@ -100,7 +97,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
     admin = await asyncpg.connect(args.pg_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = urlunsplit(urlsplit(args.pg_url)._replace(path="/" + name))
+        dsn = with_database(args.pg_url, name)
         conn = await asyncpg.connect(dsn)
         try:
             await migrate(conn)
