@@ -138,6 +138,22 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
+async def migrated_database(pg_url: str, name: str) -> str:
+    """A new database beside pg_url's, migrated; its DSN."""
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = with_database(pg_url, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
 async def setup(options: Options) -> Context:
     """A vhost and a database of our own, migrated."""
     run_id = uuid.uuid4().hex[:10]
@@ -150,18 +166,7 @@ async def setup(options: Options) -> Context:
         amqp_url = _with_vhost(options.amqp_url, vhost)
     else:
         amqp_url = _with_vhost(options.amqp_url, options.vhost)
-    name = f"bench_{run_id}"
-    admin = await asyncpg.connect(options.pg_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = with_database(options.pg_url, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    dsn = await migrated_database(options.pg_url, f"bench_{run_id}")
     return Context(options, amqp_url, dsn, log_dir)
 
 

@@ -25,9 +25,9 @@ from msgspec.structs import astuple
 
 from bench import floor, procs
 from bench.data import Payload, burst_payloads, rows_of
-from bench.run import with_database
+from bench.run import migrated_database
 from worker.fold import Row, fold
-from worker.store import migrate, open_pool, times_as_micros, write_batch
+from worker.store import open_pool, times_as_micros, write_batch
 
 PAYLOADS_PER_BATCH = 2  # 10,000 records: BATCH_MAX_RECORDS
 
@@ -94,19 +94,15 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=25, help="payloads of 5000 per shop")
     args = parser.parse_args(argv)
     name = f"bench_cost_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(args.pg_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = with_database(args.pg_url, name)
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+        dsn = await migrated_database(args.pg_url, name)
         await measure(dsn, burst_payloads(args.shops, args.blocks), args.rounds)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        admin = await asyncpg.connect(args.pg_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 if __name__ == "__main__":
