@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import nullcontext
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from common import schema
-from common.message import Webhook
+from common.message import COMPRESS_FROM_BYTES, Webhook
 from common.metrics import LATENCY_BUCKETS, metrics_response
 from common.settings import Settings
 from receiver.publisher import NotStored, Publisher
@@ -67,10 +68,50 @@ class ReceiverMetrics:
         )
 
 
+class Turns:
+    """One turn per event-loop iteration, in the order asked: for the receiver's heavy steps.
+
+    Checking and compressing a full payload holds the loop about 2 ms. When a burst brings
+    dozens of bodies at once, each ready one used to run in the same iteration: iterations of
+    20-80 ms, while the broker's confirms, the answers and the next bodies' bytes waited, and
+    each new request took CPU from the ones that came before it. Taken in turns, a burst's
+    bodies are dealt with in the order they arrived, and the loop polls for I/O between any two.
+    A burst of 16 in flight: p99 73-137 ms (median 85) against 82-228 (median 112), seven
+    alternating pairs of `python -m bench.run --only burst-16 burst-64`; at 64, no change
+    beyond the noise (median 388 against 395 ms).
+    """
+
+    def __init__(self) -> None:
+        self._taken = False
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def take(self) -> None:
+        """Return in an iteration no other turn has (at once, when none is taken or awaited)."""
+        if not self._taken:
+            self._taken = True
+            asyncio.get_running_loop().call_soon(self._pass)  # the next iteration
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        await future
+
+    def _pass(self) -> None:
+        # The turn ends with the iteration it was taken in. The next waiter resumes in the
+        # iteration after this one, and so does this call, to end that turn in turn.
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():  # done: its request was cancelled while waiting
+                future.set_result(None)
+                asyncio.get_running_loop().call_soon(self._pass)
+                return
+        self._taken = False
+
+
 SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", Publisher)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
 IN_FLIGHT = web.AppKey("in_flight", list[int])  # one mutable counter
+TURNS = web.AppKey("turns", Turns)
 
 
 class ErrorResponse(web.Response):
@@ -205,6 +246,10 @@ async def _read_and_publish(
     except web.HTTPRequestEntityTooLarge:
         return error(413, "body too large", f"limit is {settings.max_body_bytes} bytes"), None, 0
 
+    if len(body) >= COMPRESS_FROM_BYTES:
+        # Its turn covers the check below and the compression in Publisher._send: nothing
+        # between them waits.
+        await request.app[TURNS].take()
     try:
         envelope = schema.envelope_decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -320,6 +365,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PUBLISHER] = Publisher(settings)
     app[METRICS] = ReceiverMetrics()
     app[IN_FLIGHT] = [0]
+    app[TURNS] = Turns()
     app.cleanup_ctx.append(_publisher_ctx)
     app.router.add_post("/webhooks/customers/{event}", receive_webhook)
     app.router.add_get("/healthz", healthz)

@@ -28,8 +28,10 @@ from yarl import URL
 
 from bench.procs import listening
 from common.message import body_of, unpack
+from common.runtime import new_event_loop
 from common.settings import Settings
 from common.topology import EXCHANGE, QUEUE
+from receiver.app import Turns
 from tests.conftest import ROOT, TOKEN, env_for, free_port, post, serve, wait_until
 
 CANARY = "canary-7f3a@example.cz"  # customer data that must never come back in a response
@@ -197,6 +199,49 @@ async def test_full_5000_record_payload_is_one_message(
     assert body_of(message) == raw
     assert message.headers["x-record-count"] == 5000
     assert message.routing_key == "customers.update"
+
+
+# --- Full payloads in a burst take turns ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, new_event_loop])
+def test_turns_go_one_per_loop_iteration_in_the_order_asked(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Full payloads arriving together are checked and compressed one per loop iteration, first
+    come first served, with I/O polled between any two (on asyncio's loop and on uvloop)."""
+
+    async def scenario() -> tuple[list[tuple[str, int]], int]:
+        loop = asyncio.get_running_loop()
+        iteration = [0]
+
+        def tick() -> None:  # runs once in every iteration
+            iteration[0] += 1
+            loop.call_soon(tick)
+
+        loop.call_soon(tick)
+        await asyncio.sleep(0)
+        turns, got = Turns(), []
+
+        async def request(name: str) -> None:
+            await turns.take()
+            got.append((name, iteration[0]))
+
+        tasks = [asyncio.create_task(request(name)) for name in "ABCD"]
+        await asyncio.sleep(0)  # all four now wait for, or hold, a turn
+        tasks[2].cancel()  # C's request is gone: it must not hold up D
+        async with asyncio.timeout(5):  # a turn left taken would hang D
+            await asyncio.gather(*tasks, return_exceptions=True)
+        before = iteration[0]
+        await turns.take()  # no one waits: at once, in this very iteration
+        return got, iteration[0] - before
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        got, waited = runner.run(scenario())
+    assert [name for name, _ in got] == ["A", "B", "D"]
+    iterations = [at for _, at in got]
+    assert iterations == sorted(set(iterations))  # each in an iteration of its own, in order
+    assert waited == 0
 
 
 # --- Authentication -------------------------------------------------------------------------------
