@@ -22,6 +22,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
+import zstandard
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
@@ -32,6 +33,7 @@ from common.runtime import new_event_loop
 from common.settings import Settings
 from common.topology import EXCHANGE, QUEUE
 from receiver.app import Turns
+from receiver.publisher import PUBLISH_WINDOW
 from tests.conftest import ROOT, TOKEN, env_for, free_port, post, serve, wait_until
 
 CANARY = "canary-7f3a@example.cz"  # customer data that must never come back in a response
@@ -722,10 +724,15 @@ class StallingProxy:
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.writers: list[asyncio.StreamWriter] = []
+        self.received = 0  # bytes from the client, forwarded or not
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                if upstream:
+                    self.received += len(data)
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 if not self.stalled:
@@ -738,7 +745,10 @@ class StallingProxy:
         self.tasks.add(task)
         up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
         self.writers += [writer, up_writer]
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer, upstream=True),
+            self._pipe(up_reader, writer, upstream=False),
+        )
 
     async def __aenter__(self) -> URL:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -772,6 +782,29 @@ async def test_broker_going_silent_after_connect_gives_503_in_time(
         assert time.monotonic() - stopping < 8
     # The one confirmed message is there; nothing sent during the stall was answered 200.
     assert len(await published(settings)) == 1
+
+
+async def test_a_broker_that_stops_confirming_is_sent_at_most_a_window_of_messages(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    """Publishes do not wait to be written out; what the broker has not confirmed is bounded
+    (PUBLISH_WINDOW), so a broker that stops reading or confirming cannot fill our memory."""
+    proxy = StallingProxy(URL(settings.amqp_url))
+    body = envelope(*(customer(i) | {"note": os.urandom(400).hex()} for i in range(100)))
+    raw = json.dumps(body).encode()  # ~100 KB that zstd cannot shrink much: one message each
+    async with proxy as proxied_url:
+        via_proxy = replace(settings, amqp_url=str(proxied_url), receiver_port=free_port())
+        async with serve(via_proxy) as url:
+            assert (await _post_timed(http, url))[0] == 200
+            proxy.stalled = True
+            forwarded = proxy.received
+            answers = await asyncio.gather(
+                *(_post_raw(http, url, raw) for _ in range(3 * PUBLISH_WINDOW))
+            )
+            sent = proxy.received - forwarded
+    assert {status for status, _, _ in answers} == {503}
+    size = len(zstandard.ZstdCompressor(level=1).compress(raw))
+    assert PUBLISH_WINDOW * size * 0.9 < sent < (PUBLISH_WINDOW + 2) * size * 1.1
 
 
 @pytest.mark.parametrize("breakage", ["unbind", "delete queue"])
