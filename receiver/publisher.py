@@ -202,8 +202,8 @@ class Publisher:
         """Write the message within the window; the future of its confirm.
 
         The window's place is held until the broker confirms, refuses or the channel closes,
-        even when the request waiting for it gives up: what the broker has not answered stays
-        counted, and shielded, so a request's deadline does not cancel another's confirm.
+        even when the request waiting for it gives up (the caller awaits it shielded): what the
+        broker has not answered stays counted.
         """
         await self._window.acquire()
         try:
