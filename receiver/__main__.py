@@ -24,7 +24,7 @@ from aiohttp import web
 
 from common.logs import configure_logging
 from common.metrics import MULTIPROCESS_DIR
-from common.runtime import keep_freed_memory, new_event_loop
+from common.runtime import keep_freed_memory, new_event_loop, warm_heap
 from common.settings import Settings, SettingsError, load_settings, require_token
 from receiver.app import create_app
 
@@ -86,6 +86,7 @@ def main() -> None:
     if supervisor is not None:
         die_with(int(supervisor))
     keep_freed_memory()
+    warm_heap()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(settings))
 
