@@ -51,7 +51,7 @@ def warm_heap(size: int = WARM_HEAP_BYTES) -> None:
     """Fault in `size` bytes of heap now, and keep them for reuse (after keep_freed_memory).
 
     A new process's heap grows a page at a time as the bodies of its first burst arrive, and
-    each new page is a page fault: about 2 us on these machines, and 16,000-22,000 of them in
+    each new page is a page fault: about 2 us on these machines, and 15,000-22,000 of them in
     a receiver process during a burst of 64 full payloads in flight (2,000-6,000 with this),
     while the burst waits for its answers. Faulted in at start, the first burst after a restart
     finds the memory every later one reuses. The process holds it from the start rather than

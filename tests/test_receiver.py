@@ -1023,6 +1023,24 @@ async def test_process_answers_a_connection_accepted_just_before_sigterm(
     await _answered_across_sigterm(settings, spawn, http, None, after=0.05)
 
 
+async def test_process_answers_empty_bodies_one_after_another(
+    settings: Settings, spawn: Spawn, http: aiohttp.ClientSession
+) -> None:
+    # aiohttp gives every request without a body one shared stream object. Read with
+    # iter_chunks(), it reports its end to the first such request only, and the receiver spun on
+    # the second without ever yielding its loop (the fuzz test found it). In a process of its
+    # own, so that a spinning receiver fails this test rather than hanging the test run.
+    spawn("receiver")
+    base = f"http://{settings.receiver_host}:{settings.receiver_port}"
+    await _wait_ready(http, base)
+    for _ in range(3):
+        async with http.post(
+            hook(base), params={"token": TOKEN}, data=b"", timeout=aiohttp.ClientTimeout(total=5)
+        ) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "malformed JSON"
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="aiohttp's graceful shutdown stops reading bodies still arriving once the grace after "
