@@ -297,7 +297,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
     Not `iter_chunks()`, which would spare `iter_any()`'s join of the pieces that came in since
     the last read: aiohttp gives every request without a body one shared stream, which reports
-    its end only once, and the next empty POST looped forever without yielding the loop."""
+    its end only once, and the next empty POST looped forever without yielding the loop
+    (aio-libs/aiohttp#11397)."""
     chunks = []
     size = 0
     async for chunk in request.content.iter_any():
