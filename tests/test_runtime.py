@@ -8,11 +8,11 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 BODY = 1_400_000  # a full 5000-record payload
 BODIES = 32  # the first wave of a burst of 64 in flight, in one of two receiver processes
 PAGE = 4096
