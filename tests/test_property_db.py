@@ -24,7 +24,7 @@ from msgspec.structs import astuple
 from tests.conftest import PG_ADMIN
 from tests.test_fold import Event, delivered, events_strategy, oracle
 from worker import store
-from worker.fold import FIRST_US, LAST_US, as_datetime, decode_payload, fold
+from worker.fold import FIRST_US, LAST_US, Row, as_datetime, decode_payload, fold
 from worker.store import RejectedFrom, migrate, open_pool, write_batch
 
 KINDS = ("create", "update", "delete")
@@ -102,6 +102,15 @@ def split(draw: st.DrawFn, events: list[Event]) -> list[list[Event]]:
     return [events[a:b] for a, b in pairwise(bounds)]
 
 
+@pytest.fixture(params=["runs", "lookups"])
+def merge_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a batch of one event finds its rows: these tests' few ids always make runs, so
+    "lookups" allows no shop a run, as a batch of sparse ids would have it."""
+    if request.param == "lookups":
+        monkeypatch.setattr(store, "RUN_SHOPS", 0)
+    return str(request.param)
+
+
 @settings(
     max_examples=60,
     deadline=None,
@@ -109,7 +118,10 @@ def split(draw: st.DrawFn, events: list[Event]) -> list[list[Event]]:
 )
 @given(case=delivered(events_strategy(max_size=16)), data=st.data())
 async def test_batches_end_in_the_time_ordered_replay(
-    pool: asyncpg.Pool, case: tuple[list[Event], list[Event]], data: st.DataObject
+    pool: asyncpg.Pool,
+    merge_by: str,
+    case: tuple[list[Event], list[Event]],
+    data: st.DataObject,
 ) -> None:
     distinct, arrivals = case
     batches = data.draw(split(arrivals), label="batches")
@@ -173,7 +185,9 @@ def updates_of(worker: int) -> list[Event]:
     return events
 
 
-async def test_concurrent_batches_of_one_event_over_the_same_keys(pool: asyncpg.Pool) -> None:
+async def test_concurrent_batches_of_one_event_over_the_same_keys(
+    pool: asyncpg.Pool, merge_by: str
+) -> None:
     # A batch of one event is MERGEd, not upserted. Two workers updating overlapping customers
     # at once, each newer on some keys, half of the customers not in the table yet (both insert
     # them: one meets the other's new keys and falls back to the upsert): the table ends as the
@@ -192,7 +206,9 @@ async def test_concurrent_batches_of_one_event_over_the_same_keys(pool: asyncpg.
         assert await table(pool) == expected
 
 
-async def test_a_key_inserted_while_a_batch_of_updates_is_merged(database: str) -> None:
+async def test_a_key_inserted_while_a_batch_of_updates_is_merged(
+    database: str, merge_by: str
+) -> None:
     # MERGE inserts a customer it does not find, and cannot settle one that another transaction
     # inserts meanwhile (a unique violation): the batch is then upserted instead, by event time,
     # and reported as such. Without that, the whole batch would be dead-lettered as bad data.
@@ -221,6 +237,38 @@ async def test_a_key_inserted_while_a_batch_of_updates_is_merged(database: str) 
             assert not merging.done()
         assert await merging == {1: 2}
         assert await table(pool) == oracle([older, *newer])
+
+
+def test_runs_are_each_shops_first_and_last_id_when_dense_enough() -> None:
+    def rows(*keys: tuple[str, int]) -> list[Row]:
+        return [Event(p, "update", cid, 1, "a@x.cz", "K", None, None).to_row() for p, cid in keys]
+
+    assert store.runs(rows(("a", 5), ("a", 6), ("a", 8), ("b", 1))) == [("a", 5, 8), ("b", 1, 1)]
+    assert store.runs(rows(("a", 1), ("a", 4))) == [("a", 1, 4)]  # 4 ids for 2 rows: dense enough
+    assert store.runs(rows(("a", 1), ("a", 5))) is None  # 5 ids for 2 rows: looked up
+    assert store.runs(rows(("a", 1), ("b", 1), ("c", 1), ("d", 1))) is not None
+    assert store.runs(rows(("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1))) is None
+
+
+async def test_a_run_of_updates_changes_only_its_customers(pool: asyncpg.Pool) -> None:
+    # A bulk update over a run of ids is merged by walking that range of the key: customers in
+    # the range but not in the batch, the same ids in another shop, and a newer row already
+    # there stay as they are; ids past the table's end are inserted.
+    existing = [
+        Event(project, "create", cid, 0, f"{cid}@x.cz", "C", True, False)
+        for project in ("shop-a", "shop-b")
+        for cid in range(1, 41)
+    ]
+    newer = Event("shop-a", "update", 24, 5, "newer@x.cz", "N", True, False)
+    bulk = [
+        Event("shop-a", "update", cid, 3, f"{cid}@y.cz", "U", False, True)
+        for cid in range(20, 45, 2)
+    ]
+    rows = fold([event.to_row() for event in bulk])
+    assert store.runs(rows) == [("shop-a", 20, 44)]
+    await write_in_batches(pool, [existing, [newer]])
+    assert await write_batch(pool, rows, []) == {1: len(bulk) - 1}  # not 24: its row is newer
+    assert await table(pool) == oracle([*existing, newer, *bulk])
 
 
 async def test_rejected_records_are_stored_with_the_rows(pool: asyncpg.Pool) -> None:
