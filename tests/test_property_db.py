@@ -103,14 +103,14 @@ def split(draw: st.DrawFn, events: list[Event]) -> list[list[Event]]:
 
 
 @pytest.fixture(params=["runs", "lookups"])
-def merge_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def merge_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """How a batch of one event finds its rows: these tests' few ids always make runs, so
     "lookups" allows no shop a run, as a batch of sparse ids would have it."""
     if request.param == "lookups":
         monkeypatch.setattr(store, "RUN_SHOPS", 0)
-    return str(request.param)
 
 
+@pytest.mark.usefixtures("merge_by")
 @settings(
     max_examples=60,
     deadline=None,
@@ -118,10 +118,7 @@ def merge_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 )
 @given(case=delivered(events_strategy(max_size=16)), data=st.data())
 async def test_batches_end_in_the_time_ordered_replay(
-    pool: asyncpg.Pool,
-    merge_by: str,
-    case: tuple[list[Event], list[Event]],
-    data: st.DataObject,
+    pool: asyncpg.Pool, case: tuple[list[Event], list[Event]], data: st.DataObject
 ) -> None:
     distinct, arrivals = case
     batches = data.draw(split(arrivals), label="batches")
@@ -185,9 +182,8 @@ def updates_of(worker: int) -> list[Event]:
     return events
 
 
-async def test_concurrent_batches_of_one_event_over_the_same_keys(
-    pool: asyncpg.Pool, merge_by: str
-) -> None:
+@pytest.mark.usefixtures("merge_by")
+async def test_concurrent_batches_of_one_event_over_the_same_keys(pool: asyncpg.Pool) -> None:
     # A batch of one event is MERGEd, not upserted. Two workers updating overlapping customers
     # at once, each newer on some keys, half of the customers not in the table yet (both insert
     # them: one meets the other's new keys and falls back to the upsert): the table ends as the
@@ -206,9 +202,8 @@ async def test_concurrent_batches_of_one_event_over_the_same_keys(
         assert await table(pool) == expected
 
 
-async def test_a_key_inserted_while_a_batch_of_updates_is_merged(
-    database: str, merge_by: str
-) -> None:
+@pytest.mark.usefixtures("merge_by")
+async def test_a_key_inserted_while_a_batch_of_updates_is_merged(database: str) -> None:
     # MERGE inserts a customer it does not find, and cannot settle one that another transaction
     # inserts meanwhile (a unique violation): the batch is then upserted instead, by event time,
     # and reported as such. Without that, the whole batch would be dead-lettered as bad data.
