@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 BUNDLE_BELOW_BYTES = COMPRESS_FROM_BYTES
 # Bundles published and not yet confirmed. One: the next gathers while it is stored. Two cost
 # RabbitMQ a third more CPU for twice the (smaller) bundles, and answered no faster: everyday
-# traffic 1,800 vs 1,890-1,960 webhooks/s, p99 79-87 vs 66-78 ms (`python -m bench.run`).
+# traffic 1,800 vs 1,890-1,960 webhooks/s, p99 79-87 vs 66-78 ms (`python -m bench.run`); with
+# the publish window, 2,320-3,312 vs 2,452-3,059 (three alternating pairs, `--only everyday-64`).
 BUNDLES_IN_FLIGHT = 1
 # Limits of one bundle: a few hundred small webhooks is already one message instead of hundreds.
 BUNDLE_MAX_WEBHOOKS = 256
