@@ -635,6 +635,8 @@ async def run(options: Options) -> dict[str, Any]:
         "scenarios": results,
         "summary": report.summary(results),
     }
+    # A quick run's bursts are 4 payloads: too small to judge anything by.
+    document["targets"] = [] if options.quick else report.targets(document["summary"])
     report.write(document, options.out, "quick" if options.quick else "full")
     return document
 
