@@ -635,9 +635,13 @@ async def run(options: Options) -> dict[str, Any]:
         "scenarios": results,
         "summary": report.summary(results),
     }
-    # A quick run's bursts are 4 payloads: too small to judge anything by.
-    document["targets"] = [] if options.quick else report.targets(document["summary"])
+    # The targets are set for bursts of 200 full payloads (the default); a smaller burst, such
+    # as a quick run's 4, judges nothing.
+    judged = len(ctx.payloads) >= report.TARGET_BURST_PAYLOADS
+    document["targets"] = report.targets(document["summary"]) if judged else []
     report.write(document, options.out, "quick" if options.quick else "full")
+    for target in document["targets"]:
+        print(f"bench: {report.target_line(target)}")
     return document
 
 

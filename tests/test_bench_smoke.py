@@ -181,6 +181,10 @@ def test_targets_are_judged_on_the_medians_at_their_bounds() -> None:
         "measured": "0.497 (0.450-0.600) at 16, 0.550 at 64",
         "met": False,
     }
+    assert report.target_line(judged[0]) == (
+        "bursts end to end, 2 workers: 0.497 (0.450-0.600) at 16, 0.550 at 64 "
+        "(asked 0.5 x floor): not met"
+    )
 
 
 def test_targets_cover_only_the_scenarios_that_ran() -> None:
