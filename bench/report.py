@@ -143,11 +143,7 @@ def targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"{max(memory):.0f} MiB at most",
             None,
         )
-    scaled = [
-        (n, by_name[name])
-        for n, name in ((1, "scale-1-worker"), (2, "burst-16"), (4, "scale-4-workers"))
-        if "floor_ratio" in by_name.get(name, {})
-    ]
+    scaled = _scaling(by_name)
     if len(scaled) > 1:
         add(
             f"scaling, {' / '.join(str(n) for n, _ in scaled)} workers",
@@ -156,6 +152,15 @@ def targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             None,
         )
     return found
+
+
+def _scaling(by_name: dict[str, dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(workers, entry) of the bursts at 16 in flight with 1, 2 and 4 workers that ran."""
+    return [
+        (n, by_name[name])
+        for n, name in ((1, "scale-1-worker"), (2, "burst-16"), (4, "scale-4-workers"))
+        if "floor_ratio" in by_name.get(name, {})
+    ]
 
 
 VERDICT = {True: "met", False: "not met", None: "reported"}
@@ -290,11 +295,7 @@ def chart(document: dict[str, Any], path: Path) -> None:
     axes[1].legend(fontsize=8)
     axes[1].tick_params(axis="x", labelrotation=35, labelsize=7)
 
-    scaled = [
-        (n, by_name[name])
-        for n, name in ((1, "scale-1-worker"), (2, "burst-16"), (4, "scale-4-workers"))
-        if name in by_name and "floor_ratio" in by_name[name]
-    ]
+    scaled = _scaling(by_name)
     values, errors = medians([r for _, r in scaled], "floor_ratio")
     axes[2].errorbar([n for n, _ in scaled], values, yerr=errors, marker="o", label="pipeline")
     axes[2].axhline(1.0, color="tab:red", linestyle="--", label="keyed COPY floor")
