@@ -286,6 +286,11 @@ async def _copy_if_all_new(conn: asyncpg.Connection, rows: list[Row]) -> bool:
     return True
 
 
+def _rows_affected(status: str) -> int:
+    """The row count of a command's status, as asyncpg returns it ("MERGE 42", "DELETE 0")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def runs(rows: list[Row]) -> list[tuple[str, int, int]] | None:
     """Each shop's first and last id, when the batch is a few shops' runs of neighbouring ids.
 
@@ -314,12 +319,12 @@ async def _merge_unless_raced(conn: asyncpg.Connection, rows: list[Row]) -> int 
             if shop_runs is None:
                 await conn.execute(LOOKUP_PER_ROW)
                 status = await conn.execute(MERGE)
-                return int(status.rsplit(" ", 1)[-1])
+                return _rows_affected(status)
             await conn.execute(WALK_RUNS)
             changed = 0
             for shop, first, last in shop_runs:
                 status = await conn.execute(MERGE_RUN, shop, first, last)
-                changed += int(status.rsplit(" ", 1)[-1])
+                changed += _rows_affected(status)
             return changed
     except asyncpg.UniqueViolationError:
         return None
@@ -388,4 +393,4 @@ PURGE_REJECTED = "DELETE FROM rejected_records WHERE received_at < now() - $1 * 
 async def purge_rejected(pool: asyncpg.Pool, older_than_days: float) -> int:
     """Delete rejected records received more than so many days ago (they hold personal data)."""
     status = await pool.execute(PURGE_REJECTED, float(older_than_days))
-    return int(status.rsplit(" ", 1)[-1])
+    return _rows_affected(status)
