@@ -531,6 +531,7 @@ def host() -> dict[str, Any]:
         text=True,
         check=False,
     ).stdout.strip()
+    autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     return {
         "cpu_model": model,
         "cores": os.cpu_count(),
@@ -539,6 +540,10 @@ def host() -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": packages,
         "git": git,
+        # On, the kernel weighs each session as one: `nice` orders only the processes of the
+        # bench's own session (receivers, workers, load generator), and each Postgres backend,
+        # a session of its own, weighs as much as all of them (bench/README.md).
+        "sched_autogroup": autogroup.exists() and autogroup.read_text().strip() == "1",
     }
 
 

@@ -47,7 +47,9 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
             assert "floor_ratio" in scenario, scenario
     assert [entry["runs"] for entry in document["summary"]] == [1] * len(SCENARIOS)
     assert document["floor"]["records_per_s"] > 0
-    assert {"cores", "ram_gib", "python", "postgres", "rabbitmq"} <= set(document["machine"])
+    assert {"cores", "ram_gib", "python", "postgres", "rabbitmq", "sched_autogroup"} <= set(
+        document["machine"]
+    )
     assert "| burst, 16 concurrent | pipeline |" in (tmp_path / "quick.md").read_text()
     # 4 payloads per burst judge nothing: no verdicts on the targets.
     assert document["targets"] == []
