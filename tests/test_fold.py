@@ -29,6 +29,7 @@ from worker.fold import (
     micros,
     parse_time,
     record_to_row,
+    status_fingerprint,
 )
 
 SHOP = "shop-a"
@@ -143,12 +144,54 @@ def test_micros_is_exact_to_the_microsecond_at_both_ends_of_the_range() -> None:
 
 
 def test_fingerprints_stay_the_values_already_stored() -> None:
-    # Stored rows keep the fingerprint of the event they show, and a same-second event is
-    # compared with it: a different hash (or different bytes hashed) would flip tiebreaks.
-    assert fingerprint("jana@example.cz", "C00000042", True, False).hex() == (
-        "8b35f63ec45cba333e0d88b2517b362d"
+    # Stored rows keep the fingerprints of the events they show, and a same-second event is
+    # compared with them: other bytes for the same values would flip tiebreaks.
+    assert fingerprint("jana@example.cz", "C00000042", True, False) == (
+        b'[true,false,"jana@example.cz","C00000042"]'
     )
-    assert fingerprint(None, None, None, None).hex() == "9d9240813055d28feead60fa2ad9c9da"
+    assert fingerprint(None, None, None, None) == b"[null,null,null,null]"
+    assert status_fingerprint(True, None) == b"[true,null]"
+
+
+FLAGS = (None, True, False)
+
+
+@given(
+    st.sampled_from(FLAGS), st.sampled_from(FLAGS), st.sampled_from(FLAGS),
+    st.sampled_from(FLAGS), st.text(), st.none() | st.text(), st.none() | st.text(),
+)  # fmt: skip
+def test_status_tiebreak_orders_events_as_the_data_tiebreak_does(
+    active_a: bool | None,
+    blocked_a: bool | None,
+    active_b: bool | None,
+    blocked_b: bool | None,
+    email: str,
+    code_a: str | None,
+    code_b: str | None,
+) -> None:
+    # Two same-second events whose status differs: the one whose status wins must also be the
+    # one whose data wins, or the row would mix them.
+    status_a = status_fingerprint(active_a, blocked_a)
+    status_b = status_fingerprint(active_b, blocked_b)
+    if (active_a, blocked_a) == (active_b, blocked_b):
+        assert status_a == status_b
+        return
+    data_a = fingerprint(email, code_a, active_a, blocked_a)
+    data_b = fingerprint(email + "x", code_b, active_b, blocked_b)
+    assert (status_a < status_b) == (data_a < data_b)
+
+
+def test_a_tombstone_keeps_no_email_in_its_tiebreaks() -> None:
+    # The status comes from the create (the delete carries none); the delete erased the email.
+    row = folded_one(
+        [create(1, 1, email="jan@example.cz", active_yn=True), delete(1, 2, code="C1")]
+    )
+    assert row["email"] is None
+    (folded,) = fold(
+        [create(1, 1, email="jan@example.cz", active_yn=True), delete(1, 2, code="C1")]
+    )
+    assert folded.status_at is not None
+    assert all(b"jan@" not in bytes(value) for value in (folded.version_fp, folded.status_fp))
 
 
 @given(
@@ -600,8 +643,8 @@ def replay_key(event: Event) -> tuple[datetime, int, bytes]:
     """The order of the time-ordered replay: time, then delete > update > create.
 
     Two different events of the same kind in the same second have no natural order; the
-    project settles them by a hash of their values (`fingerprint`), and the replay must use the
-    same arbitrary choice to be comparable. Everything else here is independent of fold.py.
+    project settles them by their values as JSON text (`fingerprint`), and the replay must use
+    the same arbitrary choice to be comparable. Everything else here is independent of fold.py.
     """
     fp = fingerprint(event.data_email, event.code_text, event.active_yn, event.blocked_yn)
     return (event.time, RANKS[event.event], fp)

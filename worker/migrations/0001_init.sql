@@ -12,7 +12,7 @@ CREATE TABLE customers (
     -- What orders events; the upsert compares these, not arrival order.
     version_at    timestamptz NOT NULL,   -- time of the event whose data the row shows
     version_rank  smallint    NOT NULL,   -- 0 create, 1 update, 2 delete: ties go to the higher
-    version_fp    bytea       NOT NULL,   -- hash of the event's values: same-second tiebreak
+    version_fp    bytea       NOT NULL,   -- the event's values (fold.fingerprint): same-second tiebreak
     status_at     timestamptz,            -- the same three for the event active_yn/blocked_yn
     status_rank   smallint,               -- came from (the newest event carrying them)
     status_fp     bytea,
