@@ -88,6 +88,28 @@ def free_port() -> int:
         return port
 
 
+def free_port_run(count: int, avoid: int) -> int:
+    """The first of `count` consecutive free TCP ports, none of them `avoid`.
+
+    The next port up from a free one may be taken (say, by another test's process): bind all of
+    them at once to be sure, as a process numbering its workers' ports from one needs.
+    """
+    for _ in range(100):
+        first = free_port()
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", first + offset))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        if avoid not in range(first, first + count):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 async def wait_until(
     check: Callable[[], Awaitable[Any]],
     timeout: float = 20.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope

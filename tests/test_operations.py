@@ -16,7 +16,16 @@ import asyncpg
 
 from common.settings import Settings
 from common.topology import EXCHANGE
-from tests.conftest import ROOT, TOKEN, connect_migrated, env_for, free_port, post, wait_until
+from tests.conftest import (
+    ROOT,
+    TOKEN,
+    connect_migrated,
+    env_for,
+    free_port,
+    free_port_run,
+    post,
+    wait_until,
+)
 
 CANARY = "canary-logs-9d41@example.cz"
 
@@ -32,7 +41,7 @@ async def _status(http: aiohttp.ClientSession, url: str) -> int:
 async def test_local_run_serves_logs_without_personal_data_and_stops_on_ctrl_c(
     settings: Settings, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    first_worker_port = free_port()
+    first_worker_port = free_port_run(2, avoid=settings.receiver_port)
     output = tmp_path / "run_local.log"
     with output.open("wb") as sink:
         proc = subprocess.Popen(  # noqa: ASYNC220 - starts at once; waited on in a thread
@@ -53,7 +62,11 @@ async def test_local_run_serves_logs_without_personal_data_and_stops_on_ctrl_c(
         receiver = f"http://127.0.0.1:{settings.receiver_port}"
         workers = [f"http://127.0.0.1:{first_worker_port + i}" for i in range(2)]
         for base in (receiver, *workers):
-            await wait_until(lambda b=base: _ready(http, b), timeout=30)
+            try:
+                await wait_until(lambda b=base: _ready(http, b), timeout=30)
+            except AssertionError as not_ready:
+                # Nothing carrying personal data has been sent yet: the log says why it is down.
+                raise AssertionError(f"{base} not ready; log:\n{output.read_text()}") from not_ready
 
         good = {"customer_id": 1, "email": CANARY, "creation_time": "2025-05-05T10:00:00+02:00"}
         bad = {"customer_id": "x", "email": CANARY, "creation_time": "2025-05-05T10:00:00+02:00"}
