@@ -18,7 +18,7 @@ import pytest
 from common.settings import Settings
 from common.topology import DEAD_QUEUE, EXCHANGE
 from tests.conftest import connect_migrated, count_at_least, post, wait_until
-from worker.service import Worker
+from worker.service import SPLIT_FROM_RECORDS, Worker
 
 SHOP = "my-shop"
 T0 = datetime(2024, 10, 30, 9, 0, tzinfo=UTC)
@@ -289,6 +289,64 @@ async def test_a_full_5000_record_payload_lands_whole(shop: Shop) -> None:
 
 async def _count(db: asyncpg.Connection, n: int) -> bool:
     return bool(await db.fetchval("SELECT count(*) FROM customers") == n)
+
+
+@pytest.mark.parametrize(
+    ("size", "transactions"), [(SPLIT_FROM_RECORDS, 2), (SPLIT_FROM_RECORDS - 1, 1)]
+)
+async def test_a_batch_of_many_creates_and_updates_is_written_one_event_at_a_time(
+    http: aiohttp.ClientSession,
+    receiver_url: str,
+    settings: Settings,
+    size: int,
+    transactions: int,
+) -> None:
+    shop = Shop(http, receiver_url, db=None)  # type: ignore[arg-type] # sends only
+    # A long wait for more messages, so that the two webhooks below make one batch.
+    worker = Worker(replace(settings, batch_max_wait=1.0))
+    task = asyncio.create_task(worker.run())
+
+    def sample(name: str, **labels: str) -> float:
+        return worker.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def batches() -> float:
+        return sample("upgates_worker_batch_messages_count")
+
+    async def accepted(records: int) -> bool:
+        counts = [
+            sample("upgates_worker_records_total", event=event, outcome="accepted")
+            for event in ("create", "update")
+        ]
+        return sum(counts) == records
+
+    try:
+        # A worker takes its first delivery alone (it may be one that crashed a worker).
+        await shop.send("create", create(0, 0))
+        await wait_until(lambda: accepted(1))
+        ids = range(1, size + 1)
+        await shop.send("update", *(update(i, 10, email="new@example.cz") for i in ids))
+        await shop.send("create", *(create(i, 0) for i in ids))
+        await wait_until(lambda: accepted(1 + 2 * size))
+
+        db = await connect_migrated(settings)
+        try:
+            rows = await db.fetch(
+                "SELECT email, created_at, updated_at FROM customers WHERE customer_id > 0"
+            )
+        finally:
+            await db.close()
+        assert len(rows) == size
+        assert {tuple(r) for r in rows} == {("new@example.cz", T0, T0 + timedelta(minutes=10))}
+        # Many records of each event: a transaction each, the updates' first (they came first),
+        # and the creates' then only fill in the creation time of the customers it inserted.
+        assert batches() == 1 + transactions
+        changed_creates = size if transactions == 2 else 0  # else folded into the updates' rows
+        assert sample("upgates_worker_rows_total", event="create", outcome="changed") == (
+            1 + changed_creates
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
 
 
 # --- messages that can never be applied ------------------------------------------------------
