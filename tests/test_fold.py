@@ -183,13 +183,9 @@ def test_status_tiebreak_orders_events_as_the_data_tiebreak_does(
 
 def test_a_tombstone_keeps_no_email_in_its_tiebreaks() -> None:
     # The status comes from the create (the delete carries none); the delete erased the email.
-    row = folded_one(
-        [create(1, 1, email="jan@example.cz", active_yn=True), delete(1, 2, code="C1")]
-    )
-    assert row["email"] is None
-    (folded,) = fold(
-        [create(1, 1, email="jan@example.cz", active_yn=True), delete(1, 2, code="C1")]
-    )
+    events = [create(1, 1, email="jan@example.cz", active_yn=True), delete(1, 2, code="C1")]
+    assert folded_one(events)["email"] is None
+    (folded,) = fold(events)
     assert folded.status_at is not None
     assert all(b"jan@" not in bytes(value) for value in (folded.version_fp, folded.status_fp))
 
