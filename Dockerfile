@@ -7,12 +7,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# The locked versions first, with their hashes: a rebuild installs what was tested.
+COPY requirements/runtime.txt ./requirements/
+RUN pip install --require-hashes -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY receiver ./receiver
 COPY worker ./worker
 COPY admin ./admin
-RUN pip install . \
+RUN pip install --no-deps --no-build-isolation . \
     && useradd --system --no-create-home --uid 10001 app
 
 USER app

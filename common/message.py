@@ -111,7 +111,7 @@ def unpack(message: AbstractIncomingMessage) -> list[Webhook]:
         try:
             return _decode_bundle(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ValueError(f"not a bundle of webhooks: {exc}") from None
+            raise ValueError(f"not a bundle of webhooks: {schema.explain(exc, body)}") from None
     headers = message.headers or {}
     event = headers.get(schema.H_EVENT)
     if event not in schema.EVENTS:

@@ -6,6 +6,7 @@ the worker decodes each record on its own, so one bad record cannot fail its nei
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -57,3 +58,36 @@ class CustomerRecord(msgspec.Struct):
 envelope_decoder = msgspec.json.Decoder(Envelope)
 record_decoder = msgspec.json.Decoder(CustomerRecord, strict=False)
 json_encoder = msgspec.json.Encoder()
+
+
+_PATH = re.compile(r"at `(\$[^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def explain(exc: Exception, raw: bytes | msgspec.Raw) -> str:
+    """Why `data` did not decode, in our own words: library messages change between releases.
+
+    Only the JSON path of the offending value is taken from msgspec's message, when it has one.
+    """
+    data = bytes(raw)
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return "text is not valid UTF-8"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    if not isinstance(exc, msgspec.ValidationError):
+        if _SURROGATE.search(_SURROGATE_PAIR.sub(b"", data)):
+            return "invalid text: a \\u escape of a lone surrogate"
+        return "not valid JSON"
+    text = str(exc)
+    missing = _MISSING.search(text)
+    path = _PATH.search(text)
+    where = path.group(1) if path else "$"
+    if missing:
+        return f"missing field {where}.{missing.group(1)}"
+    if not path:  # our schemas' roots are all objects
+        return "expected a JSON object"
+    return f"wrong type or value at {where}"

@@ -265,11 +265,10 @@ async def _read_and_publish(
     try:
         envelope = schema.envelope_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        return error(422, "not an Upgates customers envelope", str(exc)), None, 0
-    except msgspec.DecodeError as exc:
-        return error(400, "malformed JSON", str(exc)), None, 0
-    except UnicodeDecodeError:
-        return error(400, "malformed JSON", "text is not valid UTF-8"), None, 0
+        detail = schema.explain(exc, body)
+        return error(422, "not an Upgates customers envelope", detail), None, 0
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return error(400, "malformed JSON", schema.explain(exc, body)), None, 0
     project = envelope.project_name
     if granted not in (ANY_SHOP, project):
         return error(403, "this token is for another shop"), None, 0

@@ -194,10 +194,9 @@ def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Ro
     """One raw record of a payload as a row, or the reason it cannot be used."""
     try:
         record = schema.record_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return Rejected(event, f"invalid record: {exc}", _as_text(raw), position)
-    except UnicodeDecodeError:
-        return Rejected(event, "invalid record: text is not valid UTF-8", _as_text(raw), position)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        reason = f"invalid record: {schema.explain(exc, raw)}"
+        return Rejected(event, reason, _as_text(raw), position)
     field = schema.TIME_FIELD[event]
     text = getattr(record, field)
     at: int | None = None

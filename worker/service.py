@@ -180,8 +180,9 @@ def decode_webhook(message: AbstractIncomingMessage, webhook: Webhook) -> Decode
         raise ValueError(f"unknown event {webhook.event!r}")
     try:
         project, rows, rejected = decode_payload(webhook.event, webhook.body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not an Upgates customers envelope: {exc}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
+        reason = schema.explain(e, webhook.body)
+        raise ValueError(f"not an Upgates customers envelope: {reason}") from None
     at = datetime.fromtimestamp(webhook.received_at / 1000, UTC)
     request_id = webhook.request_id
     if not request_id:  # not from our receiver; the body identifies it for deduplication
