@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -40,6 +41,15 @@ class Settings:
     # large bodies; more than the cores available buys nothing.
     receiver_processes: int = 1
     retry_after_seconds: int = 30  # Upgates itself retries after 5 minutes whatever this says
+    # A connection must send its request headers within this (slowloris), and an idle
+    # keep-alive connection is closed after keepalive_timeout.
+    header_read_timeout: float = 5.0
+    keepalive_timeout: float = 15.0
+    # Body bytes all requests in flight may hold at once; beyond it a request gets a fast 503.
+    max_body_bytes_in_flight: int = 256 * 1024 * 1024
+    # /metrics of the receiver, on its own port so the Internet cannot read it; 0 disables.
+    receiver_metrics_host: str = "127.0.0.1"
+    receiver_metrics_port: int = 9101
 
     # Broker topology (both services must agree: they declare the same queue arguments)
     delivery_limit: int = 20
@@ -60,11 +70,27 @@ class Settings:
     worker_host: str = "0.0.0.0"  # noqa: S104 - see receiver_host
     worker_port: int = 8081  # /healthz, /readyz, /metrics of a worker; 0 disables
     db_pool_size: int = 2
+    # Worker processes of one `python -m worker`, sharing one health/metrics port.
+    worker_processes: int = 1
 
     # Retention of personal data that could not be applied (applied hourly by the workers)
     rejected_retention_days: float = 30.0
     dead_letter_retention_days: float = 30.0
     retention_interval: float = 3600.0
+
+    # The shops' REST API (upgates-admin webhooks / sync): (project_name, URL with credentials).
+    upgates_api: tuple[tuple[str, str], ...] = ()
+    # Where Upgates reaches the receiver, e.g. https://ingest.example.com (webhooks register).
+    public_base_url: str = ""
+    api_concurrency: int = 3  # Upgates refuses a 4th request at once (429)
+    # Share of the hourly and daily quota left for the shop's other integrations.
+    api_reserve: float = 0.2
+    # A 429's Retry-After further away than this ends the run (it resumes next time).
+    api_max_wait: float = 300.0
+    # Incremental reads start this long before the last sync began: clock skew, whole seconds.
+    sync_overlap: float = 300.0
+    sync_host: str = "0.0.0.0"  # noqa: S104 - see receiver_host
+    sync_port: int = 8082  # /healthz and /metrics of the sync service; 0 disables
 
 
 # Environment variable -> field. Explicit, so the README table can be checked against it.
@@ -98,6 +124,20 @@ _ENV: dict[str, str] = {
     "REJECTED_RETENTION_DAYS": "rejected_retention_days",
     "DEAD_LETTER_RETENTION_DAYS": "dead_letter_retention_days",
     "RETENTION_INTERVAL": "retention_interval",
+    "HEADER_READ_TIMEOUT": "header_read_timeout",
+    "KEEPALIVE_TIMEOUT": "keepalive_timeout",
+    "MAX_BODY_BYTES_IN_FLIGHT": "max_body_bytes_in_flight",
+    "RECEIVER_METRICS_HOST": "receiver_metrics_host",
+    "RECEIVER_METRICS_PORT": "receiver_metrics_port",
+    "WORKER_PROCESSES": "worker_processes",
+    "UPGATES_API": "upgates_api",
+    "PUBLIC_BASE_URL": "public_base_url",
+    "UPGATES_API_CONCURRENCY": "api_concurrency",
+    "UPGATES_API_RESERVE": "api_reserve",
+    "UPGATES_API_MAX_WAIT": "api_max_wait",
+    "SYNC_OVERLAP": "sync_overlap",
+    "SYNC_HOST": "sync_host",
+    "SYNC_PORT": "sync_port",
 }
 
 ENV_VARS = tuple(_ENV)
@@ -114,13 +154,15 @@ def _parse(name: str, raw: str, default: object) -> object:
     if isinstance(default, tuple):
         # Several tokens, comma-separated, let an operator rotate without downtime.
         parts = tuple(part.strip() for part in raw.split(",") if part.strip())
-        if name != "SHOP_TOKENS":
+        if name not in {"SHOP_TOKENS", "UPGATES_API"}:
             return parts
         pairs = []
+        value = "URL" if name == "UPGATES_API" else "token"
         for part in parts:
             shop, sep, token = part.partition("=")
             if not sep or not shop.strip() or not token.strip():
-                raise SettingsError("SHOP_TOKENS must be shop=token pairs, comma-separated")
+                # Never echo the value: it holds secrets.
+                raise SettingsError(f"{name} must be shop={value} pairs, comma-separated")
             pairs.append((shop.strip(), token.strip()))
         return tuple(pairs)
     try:
@@ -164,6 +206,47 @@ def check_settings(settings: Settings) -> None:
         raise SettingsError("WORKER_PREFETCH and BATCH_MAX_RECORDS must be at least 1")
     if settings.delivery_limit < 1:
         raise SettingsError("DELIVERY_LIMIT must be at least 1")
+    for name, attribute in _ENV.items():
+        if attribute in _POSITIVE and not getattr(settings, attribute) > 0:
+            raise SettingsError(f"{name} must be above 0")
+    if settings.db_pool_size < 2:
+        # The retention run holds an advisory lock on one connection while it purges on another.
+        raise SettingsError("DB_POOL_SIZE must be at least 2")
+    if not 1 <= settings.api_concurrency <= 3:
+        raise SettingsError("UPGATES_API_CONCURRENCY must be 1, 2 or 3 (Upgates allows 3 at once)")
+    if not 0 <= settings.api_reserve < 1:
+        raise SettingsError("UPGATES_API_RESERVE must be a share from 0 up to (not including) 1")
+    shops = [shop for shop, _ in settings.upgates_api]
+    if len(set(shops)) != len(shops):
+        raise SettingsError("UPGATES_API names a shop twice")
+    for shop, url in settings.upgates_api:
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise SettingsError(f"UPGATES_API: the URL of shop {shop} is not an http(s) URL")
+        if not parts.username or not parts.password:
+            raise SettingsError(
+                f"UPGATES_API: the URL of shop {shop} must carry login:key@ (HTTP Basic)"
+            )
+    if settings.public_base_url:
+        parts = urlsplit(settings.public_base_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query:
+            raise SettingsError("PUBLIC_BASE_URL must be an absolute http(s) URL without a query")
+
+
+# Settings where 0 would silently break the service (no timeout, a busy loop, no capacity).
+_POSITIVE = {
+    "retention_interval",
+    "retry_max_backoff",
+    "max_in_flight",
+    "body_read_timeout",
+    "header_read_timeout",
+    "keepalive_timeout",
+    "max_body_bytes_in_flight",
+    "worker_processes",
+    "api_max_wait",
+    "rejected_retention_days",
+    "dead_letter_retention_days",
+}
 
 
 def require_token(settings: Settings) -> None:
