@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from admin.shop_commands import add_shop_commands
 from common.deadletters import DeadLetter, open_dead_letters
 from common.message import BUNDLE, body_of, unpack
 from common.settings import Settings
@@ -267,4 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = groups.add_parser("retention", help="apply the retention periods now")
     p.add_argument("--limit", type=int, default=100_000)
     p.set_defaults(command=retention)
+
+    add_shop_commands(groups)
     return parser
