@@ -15,6 +15,7 @@ COPY common ./common
 COPY receiver ./receiver
 COPY worker ./worker
 COPY admin ./admin
+COPY shopapi ./shopapi
 RUN pip install --no-deps --no-build-isolation . \
     && useradd --system --no-create-home --uid 10001 app
 

@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from admin.commands import build_parser
+from common.logs import configure_logging
 from common.settings import SettingsError, load_settings
 
 
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"upgates-admin: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings)
     status: int = asyncio.run(args.command(settings, args, print))
     return status
 
