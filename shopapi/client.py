@@ -183,9 +183,11 @@ class Client:
 
     async def __aenter__(self) -> Client:
         self._session = aiohttp.ClientSession(
-            auth=aiohttp.BasicAuth(self.access.login, self.access.key),
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
-            headers={"Accept": "application/json"},
+            headers={
+                "Accept": "application/json",
+                "Authorization": aiohttp.encode_basic_auth(self.access.login, self.access.key),
+            },
         )
         return self
 

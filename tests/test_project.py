@@ -110,6 +110,7 @@ def test_the_image_build_installs_from_what_the_dockerfile_copies(tmp_path: Path
                 if src.is_dir():
                     shutil.copytree(src, app / source, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
+                    (app / source).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, app / source)
     target = tmp_path / "site"
     subprocess.run(
@@ -131,5 +132,5 @@ def test_the_image_build_installs_from_what_the_dockerfile_copies(tmp_path: Path
         p.name for p in (target / "bin").iterdir()
     }
     assert (target / "worker" / "migrations" / "0001_init.sql").exists()
-    for package in ("common", "receiver", "worker", "admin"):
-        assert (target / package / "__main__.py").exists() or package == "common"
+    for package in ("common", "receiver", "worker", "admin", "shopapi"):
+        assert (target / package / "__main__.py").exists() or package in {"common", "shopapi"}
