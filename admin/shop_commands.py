@@ -146,7 +146,7 @@ async def sync(settings: Settings, args: argparse.Namespace, out: Out) -> int:
                 try:
                     summary = await sync_round(
                         settings, access, pool, SyncMetrics(), stop, full=args.full,
-                        progress=progress,
+                        progress=progress, check=False,
                     )  # fmt: skip
                 finally:
                     if progress is not None:

@@ -175,12 +175,13 @@ async def check_webhooks(
                 except ValueError:
                     continue
                 since = at if since is None else min(since, at)
-    actions = webhooks.plan(existing, base, token_for(settings, shop))
-    for line in await webhooks.apply(client, actions, base, token_for(settings, shop)):
-        log.info("webhook changed", extra={"shop": shop, "change": line})
-    if actions:
-        for event in webhooks.EVENTS:
-            metrics.webhook_active.labels(shop, event).set(1)
+    # Repairs only: a missing webhook may have been removed on purpose (`webhooks remove`).
+    token = token_for(settings, shop)
+    repairs = [a for a in webhooks.plan(existing, base, token) if a.kind == "update"]
+    for line in await webhooks.apply(client, repairs, base, token):
+        log.info("webhook repaired", extra={"shop": shop, "change": line})
+    for action in repairs:
+        metrics.webhook_active.labels(shop, action.event).set(1)
     return since
 
 
@@ -193,11 +194,13 @@ async def sync_round(
     *,
     full: bool = False,
     progress: Progress | None = None,
+    check: bool = True,
 ) -> Summary:
-    """One shop's round: its webhooks checked (with PUBLIC_BASE_URL set), then a sync."""
+    """One shop's round: its webhooks checked (`check`, with PUBLIC_BASE_URL set), then a
+    sync."""
     async with new_client(settings, access, metrics, stop) as client:
         since = None
-        if settings.public_base_url:
+        if check and settings.public_base_url:
             try:
                 since = await check_webhooks(client, settings, metrics)
             except AuthFailed as exc:

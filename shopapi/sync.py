@@ -210,12 +210,13 @@ class _Run:
         self._report()
 
     async def _read_pages(self, kind: str, params: dict[str, str]) -> None:
-        first = await self._fetch(self.next_page, params)  # alone: learns the page count
-        await self._store(first.customers, kind, self.next_page)
-        total = max(first.number_of_pages, self.next_page)
+        start = self.next_page
+        first = await self._fetch(start, params)  # alone: learns the page count
+        total = max(first.number_of_pages, start)
         self.summary.pages_total = total
-        self.summary.pages = self.next_page  # pages before it were stored by an earlier run
-        pages = iter(range(self.next_page + 1, total + 1))
+        self.summary.pages = start - 1  # pages before it were stored by an earlier run
+        await self._store(first.customers, kind, start)
+        pages = iter(range(start + 1, total + 1))
         failures: list[ApiError] = []
 
         async def reader() -> None:
@@ -241,7 +242,8 @@ class _Run:
             raise ApiError(
                 f"shop {self.shop}: an unreadable page of customers ({exc.__class__.__name__})"
             ) from None
-        self.counts.add(answer.number_of_items)
+        if "ids" not in params:
+            self.counts.add(answer.number_of_items)
         return answer
 
     async def _store(
@@ -251,7 +253,8 @@ class _Run:
         tag = f"{self.started_at}-{page if page is not None else self.summary.customers}"
         bodies = schema.customers_as_webhooks(self.shop, customers)
         rows, rejected = _decode(self.shop, bodies, tag)
-        self.summary.changed += await _write(self.pool, fold(rows), rejected)
+        changed = await _write(self.pool, fold(rows), rejected)  # not `+= await`: pages race
+        self.summary.changed += changed
         self.summary.customers += len(customers)
         if page is None:
             return
