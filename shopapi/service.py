@@ -25,6 +25,7 @@ from common.settings import Settings
 from shopapi import webhooks
 from shopapi.client import ApiError, AuthFailed, Client, Quota, ShopAccess, shop_access
 from shopapi.sync import Progress, Summary, sync_shop
+from worker.fold import PRAGUE
 from worker.store import ensure_database, migrate, open_pool
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,9 @@ async def check_webhooks(
         ours = [w for w in existing if w.event == name and webhooks.is_ours(w.url, base)]
         metrics.webhook_active.labels(shop, event).set(int(any(w.active_yn for w in ours)))
         for webhook in ours:
+            succeeded, failed = _time(webhook.last_success_call), _time(webhook.last_error_call)
             failing = not webhook.active_yn or (
-                webhook.last_error_call is not None
-                and (webhook.last_success_call or "") < webhook.last_error_call
+                failed is not None and (succeeded is None or succeeded < failed)
             )
             if not webhook.active_yn:
                 metrics.deactivations.labels(shop, event).inc()
@@ -169,12 +170,8 @@ async def check_webhooks(
                         "last_error_status": webhook.last_error_call_status,
                     },
                 )
-            if failing and webhook.last_success_call:
-                try:
-                    at = datetime.fromisoformat(webhook.last_success_call)
-                except ValueError:
-                    continue
-                since = at if since is None else min(since, at)
+            if failing and succeeded is not None:
+                since = succeeded if since is None else min(since, succeeded)
     # Repairs only: a missing webhook may have been removed on purpose (`webhooks remove`).
     token = token_for(settings, shop)
     repairs = [a for a in webhooks.plan(existing, base, token) if a.kind == "update"]
@@ -183,6 +180,17 @@ async def check_webhooks(
     for action in repairs:
         metrics.webhook_active.labels(shop, action.event).set(1)
     return since
+
+
+def _time(text: str | None) -> datetime | None:
+    """A time of the API (ISO 8601; without an offset, Prague time), or None."""
+    if not text:
+        return None
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=PRAGUE)
 
 
 async def sync_round(
