@@ -118,15 +118,15 @@ async def sync(settings: Settings, args: argparse.Namespace, out: Out) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     if args.all:
-        if not settings.upgates_api:
-            print("upgates-admin: UPGATES_API names no shop", file=sys.stderr)
-            return 2
         if args.every is not None:
             if not args.every > 0:
                 print("upgates-admin: --every must be above 0 seconds", file=sys.stderr)
                 return 2
             await run_forever(settings, args.every, stop, full=args.full)
             return 0
+        if not settings.upgates_api:
+            print("upgates-admin: UPGATES_API names no shop", file=sys.stderr)
+            return 2
         shops = [shop for shop, _ in settings.upgates_api]
     elif args.shop:
         shops = [args.shop]

@@ -246,7 +246,10 @@ async def run_forever(
     refused: set[str] = set()
     try:
         async with database(settings) as pool:
-            if not settings.public_base_url:
+            if not settings.upgates_api:
+                # Idle rather than exit: the compose file runs this service for every install.
+                log.warning("UPGATES_API names no shop: nothing to sync")
+            elif not settings.public_base_url:
                 log.warning("PUBLIC_BASE_URL is not set: the webhooks are not checked")
             while not stop.is_set():
                 for shop, _ in settings.upgates_api:

@@ -42,6 +42,7 @@ def test_compose_file_is_valid_and_runs_the_tested_commands() -> None:
     config = result.stdout
     assert "- python\n    - -m\n    - receiver" in config
     assert "- python\n    - -m\n    - worker" in config
+    assert "- python\n    - -m\n    - admin\n    - sync\n    - --all\n    - --every" in config
     assert "container_name" not in config  # the worker must scale
 
 
