@@ -1,6 +1,11 @@
--- Customers as the time-ordered fold of their webhook events (see worker/fold.py).
+-- The schema, applied once by the first worker (or sync) to start; later changes get files of
+-- their own (0002_..., applied in order, each once: worker/store.py migrate).
+
+-- Customers as the time-ordered fold of their events (see worker/fold.py).
 CREATE TABLE customers (
-    project_name  text        NOT NULL,
+    -- Shop names are identifiers, not prose: compared byte by byte (memcmp, not the locale's
+    -- strcoll) in every primary-key lookup of an upsert. The fold sorts keys the same way.
+    project_name  text COLLATE "C" NOT NULL,
     customer_id   bigint      NOT NULL,
     email         text,
     code          text,
@@ -18,7 +23,10 @@ CREATE TABLE customers (
     status_fp     bytea,
     ingested_at   timestamptz NOT NULL DEFAULT now(),  -- when the row last changed here
     PRIMARY KEY (project_name, customer_id)
-);
+)
+-- Room in each page for a new version of every row on it, so that an update stays on its page
+-- and adds no index entry (a HOT update: the key never changes).
+WITH (fillfactor = 50);
 
 -- Records that could not be applied, with the reason; they hold personal data, so they are
 -- purged after a retention period.
@@ -35,3 +43,24 @@ CREATE TABLE rejected_records (
     UNIQUE (request_id, position)         -- a redelivered message adds nothing twice
 );
 CREATE INDEX rejected_records_received_at ON rejected_records (received_at);
+
+-- Where each shop's sync with its REST API stands (upgates-admin sync; shopapi/sync.py).
+CREATE TABLE sync_state (
+    project_name      text COLLATE "C" PRIMARY KEY,
+    watermark         timestamptz,   -- an incremental read starts here, less SYNC_OVERLAP
+    last_full_scan_at timestamptz,   -- when the last complete full scan began
+    last_success_at   timestamptz,   -- when the last sync of any kind completed
+    -- An unfinished scan, so that the next run resumes it instead of starting over.
+    scan_kind         text CHECK (scan_kind IN ('full', 'incremental')),
+    scan_started_at   timestamptz,
+    scan_from         timestamptz,   -- an incremental scan's last_update_time_from
+    scan_next_page    integer        -- every page before this one is stored
+);
+
+-- The customers an unfinished full scan has read so far: at its end, a shop's live row not
+-- among them is a candidate tombstone (each absence is confirmed with the API first).
+CREATE TABLE sync_seen (
+    project_name  text COLLATE "C" NOT NULL,
+    customer_id   bigint NOT NULL,
+    PRIMARY KEY (project_name, customer_id)
+);
