@@ -318,7 +318,7 @@ def chart(document: dict[str, Any], path: Path) -> None:
 
 
 def write(document: dict[str, Any], out: Path, stem: str) -> None:
-    """bench/results/<stem>.json, .md and .png."""
+    """<out>/<stem>.json, .md and .png (by default bench/results/, which git ignores)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(document))

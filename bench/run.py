@@ -1,7 +1,10 @@
 """The benchmark: real receiver and worker processes, local RabbitMQ and Postgres, Upgates traffic.
 
-    python -m bench.run            # full run, ~6 minutes; results in bench/results/full.*
+    python -m bench.run            # full run, a few minutes; results in bench/results/full.*
     python -m bench.run --quick    # smoke, ~20 s; bench/results/quick.*
+    python -m bench.run --repeat 3 --save-reference   # also bench/reference/full.* (committed)
+
+bench/results/ is ignored by git; bench/reference/ holds the one committed reference run.
 
 Each run makes its own RabbitMQ vhost (rabbitmqctl) and Postgres database and removes them at the
 end. Every scenario starts fresh processes (so a worker's peak memory is that scenario's) on an
@@ -42,7 +45,8 @@ from bench.floor import Floor, checkpoint, measure_floor
 from worker.store import migrate
 
 TOKEN = "bench-token-not-secret"
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # ignored by git
+REFERENCE = Path(__file__).resolve().parent / "reference"  # the committed reference run
 REQUEST_TIMEOUT = 30.0  # past Upgates' 1 s, so slow answers are measured rather than cut
 # A webhook not answered 200 is sent again, at most RETRIES times, RETRY_DELAY later: Upgates
 # waits 5 minutes; sooner would only add to the overload that caused the 503.
@@ -82,6 +86,7 @@ class Options:
     keep_logs: bool
     worker_nice: int
     repeat: int
+    save_reference: bool = False
 
 
 @dataclass
@@ -644,7 +649,14 @@ async def run(options: Options) -> dict[str, Any]:
     # as a quick run's 4, judges nothing.
     judged = len(ctx.payloads) >= report.TARGET_BURST_PAYLOADS
     document["targets"] = report.targets(document["summary"]) if judged else []
-    report.write(document, options.out, "quick" if options.quick else "full")
+    stem = "quick" if options.quick else "full"
+    report.write(document, options.out, stem)
+    print(f"bench: results in {options.out}/{stem}.{{json,md,png}}", flush=True)
+    if options.save_reference and options.out.resolve() != REFERENCE:
+        REFERENCE.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".md", ".png"):
+            shutil.copyfile(options.out / f"{stem}{suffix}", REFERENCE / f"{stem}{suffix}")
+        print(f"bench: reference updated in {REFERENCE}/{stem}.{{json,md,png}}", flush=True)
     for target in document["targets"]:
         print(f"bench: {report.target_line(target)}")
     return document
@@ -654,7 +666,15 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke: small bursts, ~20 s")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where results are written")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="where results are written (bench/results/)"
+    )
+    parser.add_argument(
+        "--save-reference",
+        action="store_true",
+        help="also copy this run's full.{json,md,png} to bench/reference/, the committed "
+        "reference (a full run of every scenario at the default load only)",
+    )
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
@@ -703,6 +723,14 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    # The reference is what the README shows: every scenario, at the default load and settings.
+    changed = (args.quick, args.only, args.shops, args.blocks, args.everyday_seconds, args.set)
+    if args.save_reference and (any(changed) or (args.receivers, args.worker_nice) != (2, 10)):
+        parser.error(
+            "--save-reference takes a full run of every scenario at the default load and "
+            "settings (no --quick, --only, --shops, --blocks, --everyday-seconds, --set, "
+            "--receivers or --worker-nice)"
+        )
     env = dict(item.split("=", 1) for item in args.set)
     return Options(
         quick=args.quick,
@@ -723,6 +751,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         keep_logs=args.keep_logs,
         worker_nice=args.worker_nice,
         repeat=args.repeat,
+        save_reference=args.save_reference,
     )
 
 
