@@ -42,6 +42,7 @@ from bench import procs, report
 from bench.client import Connection, Sample, timed_post
 from bench.data import EverydaySender, Payload, burst_payloads
 from bench.floor import Floor, checkpoint, measure_floor
+from bench.grown import grow
 from worker.store import migrate
 
 TOKEN = "bench-token-not-secret"
@@ -63,6 +64,7 @@ class Scenario:
     design: str  # "pipeline" or "naive"
     concurrency: int
     workers: int
+    grown: bool = False  # into a table already holding Options.grown_rows of other shops
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Options:
     keep_logs: bool
     worker_nice: int
     repeat: int
+    grown_rows: int
     save_reference: bool = False
 
 
@@ -109,6 +112,7 @@ def scenarios(options: Options) -> list[Scenario]:
         Scenario("naive-burst-64", "burst", "naive", 64, 0),
         Scenario("scale-1-worker", "burst", "pipeline", 16, 1),
         Scenario("scale-4-workers", "burst", "pipeline", 16, 4),
+        Scenario("grown-16", "burst", "pipeline", 16, 2, grown=True),
         Scenario("everyday-64", "everyday", "pipeline", 64, 2),
         Scenario("naive-everyday-64", "everyday", "naive", 64, 0),
     ]
@@ -397,6 +401,9 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
     """Fresh processes, the load, the wait until every row is visible, the figures."""
     options = ctx.options
     await reset(ctx)
+    if scenario.grown:
+        took = await grow(ctx.dsn, options.grown_rows)
+        print(f"bench: table grown to {options.grown_rows:,} rows in {took:.0f} s", flush=True)
     fleet = procs.Fleet(_env(ctx), ctx.log_dir / scenario.name)
     fleet.log_dir.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
@@ -494,6 +501,7 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
         "e2e_seconds": round(e2e_seconds, 3),
         "e2e_records_per_s": round(records / e2e_seconds, 1) if e2e_seconds else 0.0,
         "worker_peak_rss_mb": round(peak_rss, 1) if scenario.workers else None,
+        "grown_rows": options.grown_rows if scenario.grown else 0,
         "cpu_seconds": cpu,
         "machine_cpu_busy": round(busy / total, 3) if total else None,
         "load_average_before": round(load_before, 2),
@@ -699,6 +707,12 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--shops", type=int, default=None)
     parser.add_argument("--blocks", type=int, default=None, help="5000-record payloads per shop")
     parser.add_argument("--everyday-seconds", type=float, default=None)
+    parser.add_argument(
+        "--grown-rows",
+        type=int,
+        default=None,
+        help="rows of other shops in the table before grown-16's burst (default 10,000,000)",
+    )
     parser.add_argument("--time-limit", type=float, default=300.0, help="per scenario, seconds")
     parser.add_argument("--only", nargs="*", default=(), help="run only these scenarios")
     parser.add_argument(
@@ -724,7 +738,10 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     # The reference is what the README shows: every scenario, at the default load and settings.
-    changed = (args.quick, args.only, args.shops, args.blocks, args.everyday_seconds, args.set)
+    changed = (
+        args.quick, args.only, args.shops, args.blocks, args.everyday_seconds, args.set,
+        args.grown_rows,
+    )  # fmt: skip
     if args.save_reference and (any(changed) or (args.receivers, args.worker_nice) != (2, 10)):
         parser.error(
             "--save-reference takes a full run of every scenario at the default load and "
@@ -751,6 +768,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         keep_logs=args.keep_logs,
         worker_nice=args.worker_nice,
         repeat=args.repeat,
+        grown_rows=args.grown_rows or (20_000 if args.quick else 10_000_000),
         save_reference=args.save_reference,
     )
 
