@@ -1,7 +1,12 @@
 """Reading, replaying and purging the dead-letter queue (used by the admin command and workers).
 
 Listing works by getting messages without acknowledging them and closing the channel after:
-RabbitMQ then puts back everything not acked, so looking never removes anything.
+RabbitMQ then puts back everything not acked, so looking never removes anything. That holds
+however often anyone looks because the dead-letter queue is a classic queue, where a return is
+not a delivery that counts toward a limit (see common/topology.py).
+
+Operators name a dead letter by its id (DeadLetter.id), never by its place in a listing: the
+place changes whenever another letter arrives, is replayed or purged.
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ from common.topology import (
     ROUTING_KEYS,
     amqp_url_with_heartbeat,
     declare_topology,
+    retire_old_dead_queue,
 )
+
+# Set by a worker on a message it dead-letters: when, in milliseconds since the epoch.
+H_DEAD_LETTERED_AT = "x-dead-lettered-at"
 
 # Headers that describe a death, not the webhook: dropped when a message is replayed.
 _DEATH_HEADERS = (
     schema.H_ERROR,
+    H_DEAD_LETTERED_AT,
     "x-original-routing-key",
     "x-death",
     "x-first-death-exchange",
@@ -53,6 +63,12 @@ class DeadLetter:
     request_id: str | None
     received_at: datetime | None
     routing_key: str | None
+
+    @property
+    def id(self) -> str | None:
+        """What names this letter for good: the webhook's request id, or the message id (a
+        bundle's); None for a message that has neither."""
+        return self.request_id or self.message.message_id or None
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -90,6 +106,24 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         received_at=received,
         routing_key=str(routing_key) if routing_key else None,
     )
+
+
+def dead_lettered_at(letter: DeadLetter) -> datetime | None:
+    """When the message was dead-lettered, what its retention counts from (its latest death).
+
+    Our header when a worker dead-lettered it, RabbitMQ's x-death `time` when the broker did;
+    when received, for a letter that carries neither (dead-lettered by an older worker).
+    """
+    headers: dict[str, Any] = dict(letter.message.headers or {})
+    deaths: list[datetime] = []
+    at = headers.get(H_DEAD_LETTERED_AT)
+    if isinstance(at, int):
+        deaths.append(datetime.fromtimestamp(at / 1000, UTC))
+    for death in headers.get("x-death") or ():
+        when = death.get("time") if isinstance(death, dict) else None
+        if isinstance(when, datetime):
+            deaths.append(when if when.tzinfo else when.replace(tzinfo=UTC))
+    return max(deaths, default=letter.received_at)
 
 
 class DeadLetterQueue:
@@ -149,4 +183,6 @@ async def open_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterQueue
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, settings)
+        # After an upgrade, the letters of the earlier quorum queue join the others first.
+        await retire_old_dead_queue(channel, drain=True)
         yield DeadLetterQueue(channel, topology.dead_queue)

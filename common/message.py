@@ -22,6 +22,7 @@ import zstandard
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
 
 from common import schema
+from common.settings import Settings
 
 JSON = "application/json"
 BUNDLE = "application/vnd.upgates.bundle+msgpack"
@@ -31,8 +32,21 @@ ZSTD = "zstd"
 COMPRESS_FROM_BYTES = 64 * 1024
 # Level 1: about 1 ms for a 1.3 MB payload on one core. Higher levels shrink little more.
 ZSTD_LEVEL = 1
-# What a decompressed message may claim to hold (the receiver's body limit is 16 MiB by default).
-MAX_UNPACKED_BYTES = 1 << 30
+# A decompressed message holds no more than the receiver could have put in it. One webhook: its
+# body, at most MAX_BODY_BYTES. A bundle (receiver/publisher.py): bodies each smaller than
+# COMPRESS_FROM_BYTES, added while their total is under a MiB, each framed by its shop name
+# (which its body holds too), ids and msgpack headers; well under this bound, which
+# tests/test_admin_hardening.py checks against the publisher's limits.
+BUNDLE_MAX_UNPACKED_BYTES = 4 * 1024 * 1024
+
+
+def unpacked_limit(max_body_bytes: int) -> int:
+    """The most a message may hold decompressed, when the receiver takes bodies this large."""
+    return max(max_body_bytes, BUNDLE_MAX_UNPACKED_BYTES)
+
+
+# For a caller that does not pass its MAX_BODY_BYTES: right under the default only.
+DEFAULT_MAX_BODY_BYTES = Settings().max_body_bytes
 
 
 class Webhook(msgspec.Struct, array_like=True, frozen=True):
@@ -88,25 +102,40 @@ def pack(webhooks: list[Webhook]) -> aio_pika.Message:
     )
 
 
-def body_of(message: AbstractIncomingMessage) -> bytes:
-    """The message body as the receiver packed it (decompressed); ValueError if it cannot be."""
+def body_of(
+    message: AbstractIncomingMessage, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> bytes:
+    """The message body as the receiver packed it (decompressed); ValueError if it cannot be.
+
+    Pass the service's MAX_BODY_BYTES: a body that would unpack to more than the receiver
+    could have accepted is refused before any memory is given to it.
+    """
     if not message.content_encoding:
         return message.body
     if message.content_encoding != ZSTD:
         raise ValueError(f"unknown content encoding {message.content_encoding!r}")
+    limit = unpacked_limit(max_body_bytes)
     try:
         size = zstandard.frame_content_size(message.body)
-        if not 0 <= size <= MAX_UNPACKED_BYTES:
-            raise ValueError(f"compressed body of unknown or excessive size ({size})")
+        if size < 0:
+            raise ValueError("compressed body without its size in the zstd frame header")
+        if size > limit:
+            raise ValueError(
+                f"compressed body would unpack to {size} bytes, more than the {limit} "
+                "a message can hold"
+            )
         return zstandard.ZstdDecompressor().decompress(message.body)
     except zstandard.ZstdError as exc:
         raise ValueError(f"corrupt zstd body: {exc}") from None
 
 
-def unpack(message: AbstractIncomingMessage) -> list[Webhook]:
+def unpack(
+    message: AbstractIncomingMessage, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> list[Webhook]:
     """The webhooks a message carries, in the order received; ValueError with the reason when it
-    can never be read (a worker dead-letters such a message as it is)."""
-    body = body_of(message)
+    can never be read (a worker dead-letters such a message as it is). Pass the service's
+    MAX_BODY_BYTES (see body_of)."""
+    body = body_of(message, max_body_bytes)
     if message.content_type == BUNDLE:
         try:
             return _decode_bundle(body)

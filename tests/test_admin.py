@@ -115,7 +115,7 @@ async def test_dead_letters_are_purged_by_age(settings: Settings, worker: Worker
     await dead_letter(settings, webhook(1), age_days=40)
     await dead_letter(settings, webhook(2), age_days=1)
     await wait_until(lambda: _dead_at_least(settings, 2))
-    status, out = await admin(settings, "dead", "purge", "--older-than", "30")
+    status, out = await admin(settings, "dead", "purge", "--older-than", "30", "--yes")
     assert (status, out) == (0, "purged 1 dead letter(s)")
     assert await dead_count(settings) == 1
 
@@ -145,7 +145,7 @@ async def test_rejected_records_are_summarised_hidden_and_purged(
         0,
         "purged 0 rejected record(s)",
     )
-    assert await admin(settings, "rejected", "purge", "--all") == (
+    assert await admin(settings, "rejected", "purge", "--all", "--yes") == (
         0,
         "purged 1 rejected record(s)",
     )
