@@ -29,3 +29,18 @@ def metrics_response(registry: CollectorRegistry) -> web.Response:
     response = web.Response(body=generate_latest(registry))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return metrics_response(request.app[REGISTRY])
+
+
+def create_metrics_app(registry: CollectorRegistry) -> web.Application:
+    """An application serving only GET /metrics: for a port of its own, out of public reach."""
+    app = web.Application()
+    app[REGISTRY] = registry
+    app.router.add_get("/metrics", _metrics)
+    return app

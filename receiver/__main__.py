@@ -2,7 +2,8 @@
 
 With RECEIVER_PROCESSES above 1 this process only supervises: it starts that many receivers on
 the same port (SO_REUSEPORT: the kernel spreads connections over them), passes signals on, and
-when one of them dies, stops the others and exits non-zero for the orchestrator to restart.
+when one of them dies, stops the others and exits non-zero for the orchestrator to restart. The
+first of them serves /metrics, for all of them.
 """
 
 from __future__ import annotations
@@ -20,55 +21,36 @@ import sys
 import tempfile
 from types import FrameType
 
-from aiohttp import web
-
 from common.logs import configure_logging
 from common.metrics import MULTIPROCESS_DIR
 from common.runtime import keep_freed_memory, new_event_loop, warm_heap
 from common.settings import Settings, SettingsError, load_settings, require_token
-from receiver.app import create_app
+from receiver.server import running
 
 log = logging.getLogger("receiver")
 
 # Set by the supervisor for the receivers it starts: its process id.
 SUPERVISED = "UPGATES_RECEIVER_SUPERVISED"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# Once the listener is closed, how long a connection accepted just before has to send its
-# request before it is closed unanswered (see serve).
-ACCEPTED_GRACE = 0.25
-# Then, how long the requests in flight have to finish their publish and answer.
-SHUTDOWN_TIMEOUT = 5.0
+METRICS_PORT_VARIABLE = "RECEIVER_METRICS_PORT"
 
 
 async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; then stop listening and answer what was accepted.
-
-    aiohttp's run_app closes every connection with no request read yet right after it closes
-    the listener, and a connection the kernel handed over a moment before, its request still in
-    the socket, is then closed unanswered. The grace lets such a request be read and answered.
-    """
-    runner = web.AppRunner(
-        create_app(settings),
-        access_log=None,  # the access log would print ?token=...; we log one line per request
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-    )
-    await runner.setup()
+    """Serve until SIGTERM/SIGINT; then stop listening and answer what was accepted."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, settings.receiver_host, settings.receiver_port, reuse_port=True)
-        await site.start()
+    async with running(settings):
         log.info(
             "receiver listening",
-            extra={"host": settings.receiver_host, "port": settings.receiver_port},
+            extra={
+                "host": settings.receiver_host,
+                "port": settings.receiver_port,
+                "metrics_port": settings.receiver_metrics_port or None,
+            },
         )
         await stop.wait()
-        await site.stop()
-        await asyncio.sleep(ACCEPTED_GRACE)
-    finally:
-        await runner.cleanup()  # closes idle connections, waits for the requests in flight
 
 
 def main() -> None:
@@ -93,9 +75,11 @@ def main() -> None:
 
 def supervise(settings: Settings) -> int:
     """Run RECEIVER_PROCESSES receivers until a signal stops them; the exit status."""
-    # Each receiver writes its metrics to files here; any of them answers /metrics with the sum.
+    # Each receiver writes its metrics to files here; the first answers /metrics with the sum
+    # (the others would only contend for its port).
     metrics_dir = tempfile.mkdtemp(prefix="upgates-receiver-metrics-")
     env = {**os.environ, SUPERVISED: str(os.getpid()), MULTIPROCESS_DIR: metrics_dir}
+    without_metrics = {**env, METRICS_PORT_VARIABLE: "0"}
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -110,8 +94,9 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     try:
-        for _ in range(settings.receiver_processes):
-            children.append(subprocess.Popen([sys.executable, "-m", "receiver"], env=env))
+        for number in range(settings.receiver_processes):
+            child_env = env if number == 0 else without_metrics
+            children.append(subprocess.Popen([sys.executable, "-m", "receiver"], env=child_env))
         if stopping:  # a signal came while they were starting
             pass_on(signal.SIGTERM, None)
         log.info("receiver processes started", extra={"processes": len(children)})

@@ -19,12 +19,12 @@ from contextlib import nullcontext
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from common import schema
 from common.message import COMPRESS_FROM_BYTES, Webhook
-from common.metrics import LATENCY_BUCKETS, metrics_response
+from common.metrics import LATENCY_BUCKETS
 from common.settings import Settings
 from receiver.publisher import NotStored, Publisher
 
@@ -119,10 +119,36 @@ class Turns:
         self._taken = False
 
 
+class BodyBudget:
+    """Body bytes the requests in flight may hold together (MAX_BODY_BYTES_IN_FLIGHT).
+
+    A request reserves its body's size before reading it, so that a burst of large bodies gets
+    fast 503s instead of the receiver's memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, size: int) -> bool:
+        """Hold `size` bytes if they fit; False if not."""
+        # A body larger than the whole budget still goes in alone: refusing it for ever would
+        # only make its sender retry for ever.
+        if self.held and self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back what reserve() held."""
+        self.held -= size
+
+
 SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", Publisher)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
 IN_FLIGHT = web.AppKey("in_flight", list[int])  # one mutable counter
+BUDGET = web.AppKey("budget", BodyBudget)
 TURNS = web.AppKey("turns", Turns)
 
 
@@ -197,7 +223,15 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return error(404, "unknown event", f"use one of: {', '.join(schema.EVENTS)}")
     app = request.app
     metrics = app[METRICS]
-    response, project, records = await _handle(request, event)
+    try:
+        response, project, records = await _handle(request, event)
+    except ConnectionError:
+        # The sender hung up mid-request: no one reads an answer, but it gets a line and a count
+        # (499, as nginx calls it) like every other outcome.
+        response, project, records = error(499, "the sender closed the connection"), None, 0
+    except Exception:
+        log.exception("webhook failed")
+        response, project, records = error(500, "internal error"), None, 0
     took = time.perf_counter() - started
     metrics.requests.labels(event, str(response.status)).inc()
     metrics.request_seconds.labels(event).observe(took)
@@ -217,6 +251,11 @@ async def receive_webhook(request: web.Request) -> web.Response:
 
 
 async def _handle(request: web.Request, event: str) -> tuple[web.Response, str | None, int]:
+    """Everything that can refuse a request before its body is read, then the body.
+
+    Only a shop token's 403 has to wait for the body: SHOP_TOKENS binds a token to one
+    project_name, which only the body carries. A token that is no one's is refused here.
+    """
     app = request.app
     settings = app[SETTINGS]
     granted = authorize(settings, token_of(request))
@@ -237,11 +276,44 @@ async def _handle(request: web.Request, event: str) -> tuple[web.Response, str |
     if in_flight[0] >= settings.max_in_flight:
         # Queueing past the sender's timeout would turn into silent loss; a 503 is retried.
         return _unavailable(settings, "too many requests at once"), None, 0
+    size = _body_size_to_reserve(request, settings)
+    budget = app[BUDGET]
+    if not budget.reserve(size):
+        return _unavailable(settings, "too many body bytes in flight"), None, 0
     in_flight[0] += 1
     try:
+        await _invite_body(request)
         return await _read_and_publish(request, settings, event, granted)
     finally:
         in_flight[0] -= 1
+        budget.release(size)
+
+
+def _body_size_to_reserve(request: web.Request, settings: Settings) -> int:
+    if request.content_length is not None:
+        return request.content_length
+    # Chunked: no size announced, so the most it may be.
+    return settings.max_body_bytes if request.body_exists else 0
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """The route's Expect handler: no `100 Continue` yet; the request is checked first.
+
+    aiohttp's own sends it before the handler runs, so that a client waiting for it sends a
+    body that a wrong token, a size over the limit or a full receiver then has us read for
+    nothing. _invite_body sends it once those checks have passed.
+    """
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version >= (1, 1) and expect.lower() != "100-continue":
+        return error(417, "unsupported Expect header", "only 100-continue is understood")
+    return None
+
+
+async def _invite_body(request: web.Request) -> None:
+    if request.version >= (1, 1) and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # As aiohttp's own Expect handler does: the response proper has not begun.
+        request.writer.output_size = 0
 
 
 async def _read_and_publish(
@@ -347,11 +419,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text."""
-    return metrics_response(request.app[METRICS].registry)
-
-
 @web.middleware
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -381,10 +448,13 @@ def create_app(settings: Settings) -> web.Application:
     app[PUBLISHER] = Publisher(settings)
     app[METRICS] = ReceiverMetrics()
     app[IN_FLIGHT] = [0]
+    app[BUDGET] = BodyBudget(settings.max_body_bytes_in_flight)
     app[TURNS] = Turns()
     app.cleanup_ctx.append(_publisher_ctx)
-    app.router.add_post("/webhooks/customers/{event}", receive_webhook)
+    app.router.add_post(
+        "/webhooks/customers/{event}", receive_webhook, expect_handler=defer_continue
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    # /metrics is not here: the Internet reaches this port (receiver/server.py serves it).
     return app

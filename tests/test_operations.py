@@ -42,6 +42,7 @@ async def test_local_run_serves_logs_without_personal_data_and_stops_on_ctrl_c(
     settings: Settings, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     first_worker_port = free_port_run(2, avoid=settings.receiver_port)
+    metrics_port = free_port()  # the receiver's /metrics, on a port of its own
     output = tmp_path / "run_local.log"
     with output.open("wb") as sink:
         proc = subprocess.Popen(  # noqa: ASYNC220 - starts at once; waited on in a thread
@@ -53,7 +54,7 @@ async def test_local_run_serves_logs_without_personal_data_and_stops_on_ctrl_c(
                 "--worker-port",
                 str(first_worker_port),
             ],
-            env=env_for(settings, LOG_FORMAT="json"),
+            env=env_for(settings, LOG_FORMAT="json", RECEIVER_METRICS_PORT=str(metrics_port)),
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -95,7 +96,8 @@ async def test_local_run_serves_logs_without_personal_data_and_stops_on_ctrl_c(
         finally:
             await conn.close()
 
-        metrics = await (await http.get(f"{receiver}/metrics")).text()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        metrics = await (await http.get(metrics_url)).text()
         assert 'upgates_receiver_requests_total{event="create",status="200"} 1.0' in metrics
         assert 'upgates_receiver_requests_total{event="update",status="400"} 1.0' in metrics
         await wait_until(lambda: _dead_lettered(http, workers))

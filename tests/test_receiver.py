@@ -34,6 +34,7 @@ from common.settings import Settings
 from common.topology import EXCHANGE, QUEUE
 from receiver.app import Turns
 from receiver.publisher import PUBLISH_WINDOW
+from receiver.server import running
 from tests.conftest import ROOT, TOKEN, env_for, free_port, post, serve, wait_until
 
 CANARY = "canary-7f3a@example.cz"  # customer data that must never come back in a response
@@ -875,17 +876,26 @@ async def test_healthz_and_readyz_when_connected(
 
 
 async def test_metrics_count_requests_by_event_and_status(
-    receiver_url: str, http: aiohttp.ClientSession
+    settings: Settings, http: aiohttp.ClientSession
 ) -> None:
-    for _ in range(2):
-        assert (await post(http, receiver_url, "create", envelope(customer(1))))[0] == 200
-    assert (await post(http, receiver_url, "update", envelope(customer(1)), token="bad"))[0] == 401
-    assert (await post(http, receiver_url, "delete", b"{"))[0] == 400
+    # /metrics has a port of its own (RECEIVER_METRICS_PORT), out of the Internet's reach.
+    local = replace(settings, receiver_port=free_port(), receiver_metrics_port=free_port())
+    async with running(local):
+        receiver_url = f"http://{local.receiver_host}:{local.receiver_port}"
+        await _wait_ready(http, receiver_url)
+        for _ in range(2):
+            assert (await post(http, receiver_url, "create", envelope(customer(1))))[0] == 200
+        status, _ = await post(http, receiver_url, "update", envelope(customer(1)), token="bad")
+        assert status == 401
+        assert (await post(http, receiver_url, "delete", b"{"))[0] == 400
 
-    async with http.get(f"{receiver_url}/metrics") as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        text = await response.text()
+        async with http.get(f"{receiver_url}/metrics") as response:
+            assert response.status == 404
+        metrics_url = f"http://{local.receiver_metrics_host}:{local.receiver_metrics_port}"
+        async with http.get(f"{metrics_url}/metrics") as response:
+            assert response.status == 200
+            assert response.content_type == "text/plain"
+            text = await response.text()
     counts = {
         (sample.labels["event"], sample.labels["status"]): sample.value
         for family in text_string_to_metric_families(text)
@@ -1107,7 +1117,7 @@ def _state(pid: int) -> str:
 
 
 async def _requests_total(url: str) -> float:
-    # A fresh connection each time: each may reach another of the processes.
+    # A fresh connection each time, as a scraper's.
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh,
         fresh.get(f"{url}/metrics") as response,
@@ -1124,7 +1134,8 @@ async def _requests_total(url: str) -> float:
 async def test_several_processes_serve_one_port_and_count_as_one(
     settings: Settings, spawn: Spawn
 ) -> None:
-    proc = spawn("receiver", RECEIVER_PROCESSES="2")
+    metrics_port = free_port()
+    proc = spawn("receiver", RECEIVER_PROCESSES="2", RECEIVER_METRICS_PORT=str(metrics_port))
     url = f"http://{settings.receiver_host}:{settings.receiver_port}"
     connector = aiohttp.TCPConnector(force_close=True)  # a new connection per request
     async with aiohttp.ClientSession(connector=connector) as fresh:
@@ -1145,8 +1156,10 @@ async def test_several_processes_serve_one_port_and_count_as_one(
     assert [status for status, _ in answers] == [200] * 30, [b for s, b in answers if s != 200]
     queued = {w.request_id for m in await published(settings) for w in unpack(m)}
     assert queued == {body["request_id"] for _, body in answers}
-    # Whichever process a scrape reaches, it counts the requests of both.
-    assert [await _requests_total(url) for _ in range(6)] == [30.0] * 6
+    # One of them serves /metrics, on its own port, and counts the requests of both.
+    assert [listening(pid, metrics_port) for pid in children].count(True) == 1
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
+    assert [await _requests_total(metrics_url) for _ in range(6)] == [30.0] * 6
     proc.send_signal(signal.SIGTERM)
     assert await _exit_code(proc, within=10) == 0
     assert not any(_alive(pid) for pid in children)
