@@ -20,5 +20,5 @@ RUN pip install --no-deps --no-build-isolation . \
     && useradd --system --no-create-home --uid 10001 app
 
 USER app
-EXPOSE 8080 8081
+EXPOSE 8080 8081 8082 9101
 CMD ["python", "-m", "receiver"]

@@ -407,12 +407,13 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
     fleet = procs.Fleet(_env(ctx), ctx.log_dir / scenario.name)
     fleet.log_dir.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
+    metrics_port = procs.free_port()
     worker_ports = []
     if scenario.design == "pipeline":
         fleet.start(
             "receiver", "receiver", port, listeners=options.receivers,
             RECEIVER_HOST="127.0.0.1", RECEIVER_PORT=str(port),
-            RECEIVER_PROCESSES=str(options.receivers),
+            RECEIVER_PROCESSES=str(options.receivers), RECEIVER_METRICS_PORT=str(metrics_port),
         )  # fmt: skip
         for _ in range(scenario.workers):
             worker_port = procs.free_port()
@@ -459,7 +460,7 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
         server_side: dict[str, float] = {}
         if scenario.design == "pipeline":
             async with aiohttp.ClientSession() as http:
-                server_side = await procs.receiver_means(http, port)
+                server_side = await procs.receiver_means(http, metrics_port)
     finally:
         for spy in spies:
             spy.send_signal(signal.SIGINT)

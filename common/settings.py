@@ -209,6 +209,8 @@ def check_settings(settings: Settings) -> None:
     for name, attribute in _ENV.items():
         if attribute in _POSITIVE and not getattr(settings, attribute) > 0:
             raise SettingsError(f"{name} must be above 0")
+    if settings.receiver_metrics_port and settings.receiver_metrics_port == settings.receiver_port:
+        raise SettingsError("RECEIVER_METRICS_PORT must differ from RECEIVER_PORT")
     if settings.db_pool_size < 2:
         # The retention run holds an advisory lock on one connection while it purges on another.
         raise SettingsError("DB_POOL_SIZE must be at least 2")

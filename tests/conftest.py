@@ -74,6 +74,7 @@ def settings(vhost: str, database: str) -> Settings:
         receiver_port=free_port(),
         worker_host="127.0.0.1",
         worker_port=0,
+        receiver_metrics_port=0,
         batch_max_wait=0.01,
         retry_max_backoff=0.5,
         shutdown_grace=5.0,
@@ -218,6 +219,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         WORKER_PORT=str(settings.worker_port),
         BATCH_MAX_WAIT=str(settings.batch_max_wait),
         RETRY_MAX_BACKOFF=str(settings.retry_max_backoff),
+        RECEIVER_METRICS_PORT=str(settings.receiver_metrics_port),
         LOG_FORMAT="json",
     )
     env.update(extra)

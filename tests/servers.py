@@ -377,8 +377,8 @@ def env_from(settings: Settings, **extra: str) -> dict[str, str]:
         value = getattr(settings, attribute)
         if isinstance(value, bool):
             env[name] = "true" if value else "false"
-        elif isinstance(value, tuple):
-            env[name] = ",".join(value)
+        elif isinstance(value, tuple):  # of strings, or of (shop, value) pairs
+            env[name] = ",".join(v if isinstance(v, str) else "=".join(v) for v in value)
         else:
             env[name] = str(value)
     env["LOG_FORMAT"] = "json"
@@ -496,6 +496,7 @@ def service_settings(amqp_url: str, database_url: str, **changes: Any) -> Settin
         "receiver_port": free_port(),
         "worker_host": "127.0.0.1",
         "worker_port": 0,
+        "receiver_metrics_port": 0,
         "batch_max_wait": 0.02,
         "retry_max_backoff": 0.5,
         "shutdown_grace": 5.0,
