@@ -209,6 +209,9 @@ def check_settings(settings: Settings) -> None:
     for name, attribute in _ENV.items():
         if attribute in _POSITIVE and not getattr(settings, attribute) > 0:
             raise SettingsError(f"{name} must be above 0")
+    for url in settings.amqp_url.split(","):
+        if urlsplit(url.strip()).scheme not in {"amqp", "amqps"}:
+            raise SettingsError("AMQP_URL must be amqp:// URLs, comma-separated for a cluster")
     if settings.receiver_metrics_port and settings.receiver_metrics_port == settings.receiver_port:
         raise SettingsError("RECEIVER_METRICS_PORT must differ from RECEIVER_PORT")
     if settings.db_pool_size < 2:

@@ -64,6 +64,9 @@ def queue_arguments(settings: Settings) -> FieldTable:
     arguments: FieldTable = {
         # Quorum: replicated, fsynced before the publisher confirm; the basis of "200 means stored".
         "x-queue-type": "quorum",
+        # Replicas on three nodes of a cluster (a majority survives one node's loss); a single
+        # node or a smaller cluster holds it on every node it has.
+        "x-quorum-initial-group-size": 3,
         # RabbitMQ 3.10 has no default limit: a message that always crashes its worker would loop.
         "x-delivery-limit": settings.delivery_limit,
         "x-dead-letter-exchange": DEAD_EXCHANGE,

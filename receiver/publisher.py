@@ -22,12 +22,12 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from common.brokers import Nodes
 from common.message import COMPRESS_FROM_BYTES, Webhook, pack
 from common.settings import Settings
 from common.topology import (
     BUNDLE_ROUTING_KEY,
     ROUTING_KEYS,
-    amqp_url_with_heartbeat,
     declare_topology,
     until_closed,
 )
@@ -64,6 +64,7 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._nodes = Nodes(settings.amqp_url)  # one node, or any node of a cluster
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -239,9 +240,7 @@ class Publisher:
         while True:
             connection: AbstractConnection | None = None
             try:
-                connection = await aio_pika.connect(
-                    amqp_url_with_heartbeat(self._settings.amqp_url), timeout=5
-                )
+                connection = await self._nodes.connect()
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 topology = await declare_topology(channel, self._settings)
                 self._connection = connection
