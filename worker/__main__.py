@@ -1,4 +1,8 @@
-"""`python -m worker`: read settings, configure logging, consume until SIGTERM/SIGINT."""
+"""`python -m worker`: read settings, configure logging, consume until SIGTERM/SIGINT.
+
+With WORKER_PROCESSES above 1 this process only supervises (common/supervisor.py): it starts
+that many workers sharing one health port, passes signals on, and stops them all together.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,23 @@ import logging
 import signal
 import sys
 
-from aiohttp import web
-
 from common.logs import configure_logging
 from common.runtime import keep_freed_memory, new_event_loop
 from common.settings import Settings, SettingsError, load_settings
-from worker.health import create_health_app
+from common.supervisor import die_with, supervise, supervised_by
+from worker.health import start_health
 from worker.service import Worker
 
 log = logging.getLogger("worker")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, shared_port: bool = False) -> None:
     """Run one worker (and its health endpoint) until a signal asks it to stop."""
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    runner: web.AppRunner | None = None
-    if settings.worker_port:
-        runner = web.AppRunner(create_health_app(worker), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, settings.worker_host, settings.worker_port).start()
+    runner = await start_health(worker, settings, shared=shared_port)
     try:
         await worker.run()
     finally:
@@ -38,16 +37,21 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    """Run a worker."""
+    """Run a worker (or several, supervised)."""
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings)
+    supervisor = supervised_by("worker")
+    if supervisor is None and settings.worker_processes > 1:
+        raise SystemExit(supervise("worker", settings.worker_processes))
+    if supervisor is not None:
+        die_with(supervisor)
     keep_freed_memory()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, shared_port=supervisor is not None))
 
 
 if __name__ == "__main__":

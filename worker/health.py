@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 
 from aiohttp import web
 
 from common.metrics import metrics_response
+from common.settings import Settings
 from worker.service import Worker
+
+log = logging.getLogger(__name__)
 
 WORKER = web.AppKey("worker", Worker)
 
@@ -44,3 +49,30 @@ def create_health_app(worker: Worker) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def start_health(worker: Worker, settings: Settings, *, shared: bool) -> web.AppRunner | None:
+    """Serve the health endpoint; None when it is off, or its port is taken.
+
+    A busy port is no reason to stop consuming: on a host running several workers, the first
+    serves the port and the others only work. Processes of one supervisor share it instead
+    (SO_REUSEPORT), each answering /metrics with the sum over all of them.
+    """
+    if not settings.worker_port:
+        return None
+    runner = web.AppRunner(create_health_app(worker), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.worker_host, settings.worker_port, reuse_port=shared)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning(
+            "health port in use: %s:%d; serving no health endpoint",
+            settings.worker_host,
+            settings.worker_port,
+        )
+        return None
+    return runner

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ import aio_pika
 import aiormq
 import asyncpg
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common import schema
-from common.deadletters import open_dead_letters
+from common.deadletters import H_DEAD_LETTERED_AT, dead_lettered_at, open_dead_letters
 from common.message import BUNDLE, Webhook, alone, unpack
 from common.metrics import LATENCY_BUCKETS
 from common.settings import Settings
@@ -53,6 +54,23 @@ log = logging.getLogger(__name__)
 
 # Dead letters looked at per retention run (each is held unacked until the run ends).
 RETENTION_SCAN_LIMIT = 10_000
+# Seconds from start to the first retention run, drawn at random: soon, so that workers restarted
+# more often than RETENTION_INTERVAL still purge, and spread, so that a fleet started together
+# does not queue up for the lock.
+RETENTION_FIRST_RUN = (10.0, 60.0)
+
+# Every publish the worker makes (a split bundle's webhooks, a dead letter's copy, a message
+# handed back) is given up after this. A broker alarm blocks the consumer's connection, acks
+# included, and a publish on it would wait for the alarm to clear; a confirm normally takes
+# milliseconds, and the message not acknowledged meanwhile is only delivered again.
+PUBLISH_DEADLINE = 5.0
+
+# How long the worker keeps retrying a batch it cannot write before handing back everything it
+# holds (see Worker._hand_back). RabbitMQ closes the channel of a consumer holding a delivery
+# longer than its consumer_timeout (30 minutes by default, checked once a minute), and every
+# delivery returned so counts toward the delivery limit: a long outage would dead-letter good
+# webhooks. Well below any sensible consumer timeout, well above a Postgres restart.
+HOLD_LIMIT = 30.0
 
 
 class ConnectionLost(Exception):
@@ -61,6 +79,14 @@ class ConnectionLost(Exception):
 
 class Abandoned(Exception):
     """Shutting down and the batch could not be committed within the grace period."""
+
+
+class Stalled(Exception):
+    """The batch could not be written for HOLD_LIMIT: hand back what is held, wait for Postgres."""
+
+
+class PublishTimedOut(Exception):
+    """A publish of the worker's was not confirmed within PUBLISH_DEADLINE."""
 
 
 class WorkerMetrics:
@@ -109,12 +135,25 @@ class WorkerMetrics:
             registry=r,
         )
         self.consuming = Gauge(
-            "upgates_worker_consuming", "1 while the worker consumes from the queue.", registry=r
+            "upgates_worker_consuming",
+            "1 while the worker consumes from the queue (the processes consuming, when several "
+            "share the port).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.handed_back = Counter(
+            "upgates_worker_handed_back",
+            "Deliveries put back in the queue as new messages while Postgres could not be written.",
+            registry=r,
         )
 
 
 class Subscription:
-    """The worker's consumer, cautious (prefetch 1) or normal (WORKER_PREFETCH)."""
+    """The worker's consumer, cautious (prefetch 1) or normal (WORKER_PREFETCH).
+
+    It keeps every delivery it was given until acknowledged, with when it came: what the worker
+    holds, for RabbitMQ's consumer timeout, and what it hands back (Worker._hand_back).
+    """
 
     def __init__(
         self,
@@ -127,6 +166,7 @@ class Subscription:
         self._prefetch = prefetch
         self._tag: str | None = None
         self._cautious: bool | None = None
+        self._held: list[tuple[float, AbstractIncomingMessage]] = []
 
     @property
     def prefetch(self) -> int:
@@ -148,14 +188,32 @@ class Subscription:
         # a COMMIT; a batch of small webhooks may take all of it (see Settings.prefetch).
         self._cautious = cautious
         await self.channel.set_qos(prefetch_count=self.prefetch)
-        self._tag = await self.topology.queue.consume(self._inbox.put)
+        self._tag = await self.topology.queue.consume(self._deliver)
 
     async def stop(self) -> None:
         """No new deliveries (nothing to cancel on a channel that is already gone)."""
         if self._tag is not None and not self.channel.is_closed:
-            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                await self.topology.queue.cancel(self._tag)
+            # Bounded like a publish: a connection the broker blocks answers nothing. A consumer
+            # not cancelled in time may still deliver; what comes is handed back or processed.
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, TimeoutError):
+                await self.topology.queue.cancel(self._tag, timeout=PUBLISH_DEADLINE)
         self._tag = None
+        self._cautious = None  # the next start() consumes again, whichever its mode
+
+    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        self._held = [(at, m) for at, m in self._held if not m.processed]
+        self._held.append((time.monotonic(), message))
+        await self._inbox.put(message)
+
+    def held_for(self) -> float:
+        """Seconds the oldest delivery not yet acknowledged (or rejected) has been held."""
+        oldest = min((at for at, m in self._held if not m.processed), default=time.monotonic())
+        return time.monotonic() - oldest
+
+    def held(self) -> list[AbstractIncomingMessage]:
+        """Every delivery not yet acknowledged (or rejected), in delivery order."""
+        self._held = [(at, m) for at, m in self._held if not m.processed]
+        return [m for _, m in self._held]
 
 
 @dataclass(slots=True)
@@ -261,7 +319,7 @@ class Worker:
                     reason = f"{type(exc).__name__} {exc}".strip()
                     log.warning("broker connection lost: %s; reconnecting", reason)
                 except Abandoned:
-                    log.warning("shutdown grace over: the batch in hand will be redelivered")
+                    log.warning("shutdown grace over: what the worker held goes back to the queue")
                     break
                 if self._sessions != sessions:
                     backoff = 0.1  # it had been consuming: a new outage starts the backoff anew
@@ -277,16 +335,22 @@ class Worker:
                 await self.pool.close()
 
     async def _keep_retention(self) -> None:
-        """Every RETENTION_INTERVAL, one worker (whichever holds the lock) purges old data."""
+        """Soon after start, then every RETENTION_INTERVAL, one worker (whichever holds the
+        lock) purges old data."""
+        interval = self.settings.retention_interval
+        delay = min(interval, random.uniform(*RETENTION_FIRST_RUN))  # noqa: S311 - jitter, not a secret
         while True:
-            await asyncio.sleep(self.settings.retention_interval)
+            await asyncio.sleep(delay)
+            delay = interval
             try:
                 assert self.pool is not None
+                # The purge runs on the lock's connection: one connection, whatever it has to
+                # delete, and the rest of the pool stays free for the batches.
                 async with self.pool.acquire() as conn:
                     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
                         continue  # another worker is at it
                     try:
-                        await apply_retention(self.settings, self.pool)
+                        await apply_retention(self.settings, conn)
                     finally:
                         await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
             except Exception as exc:  # noqa: BLE001 - retention must never stop the worker
@@ -328,7 +392,7 @@ class Worker:
         connection = await aio_pika.connect(url, timeout=5)
         try:
             # Confirms (and returns raised) on this channel are for the messages the worker
-            # publishes: dead-letter copies, and the webhooks of a split bundle.
+            # publishes: dead-letter copies, the webhooks of a split bundle, handed-back ones.
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             topology = await declare_topology(channel, self.settings)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -343,19 +407,116 @@ class Worker:
             closed: asyncio.Future[Any] = asyncio.ensure_future(until_closed(connection, channel))
             try:
                 while not self._stopping.is_set():
-                    batch = await self._collect(inbox, closed, subscription.prefetch)
-                    if batch:
-                        await self._process_fresh_then_suspects(batch, subscription)
+                    try:
+                        batch = await self._collect(inbox, closed, subscription.prefetch)
+                        if batch:
+                            await self._process_fresh_then_suspects(batch, subscription)
+                    except Stalled:
+                        self._set_consuming(False)
+                        await self._wait_for_postgres(subscription, closed)
+                        if not self._stopping.is_set():
+                            await subscription.start(cautious=True)
+                            self._set_consuming(True)
                 # No new deliveries; what RabbitMQ already sent is finished, not bounced back.
                 await subscription.stop()
                 while not inbox.empty() and not channel.is_closed:
-                    await self._process(self._take(inbox, []), topology, channel)
+                    await self._process(self._take(inbox, []), subscription)
+            except Abandoned:
+                # Returned by the channel's close instead, they would count toward the limit.
+                with contextlib.suppress(
+                    ConnectionLost,
+                    aiormq.exceptions.AMQPError,
+                    aiormq.exceptions.ChannelInvalidStateError,
+                ):
+                    await self._hand_back(subscription)
+                raise
             finally:
                 closed.cancel()
                 self._set_consuming(False)
         finally:
             with contextlib.suppress(Exception):
-                await connection.close()
+                # Bounded: on a connection the broker has blocked, the close would wait for
+                # the alarm to clear.
+                await asyncio.wait_for(connection.close(), PUBLISH_DEADLINE)
+
+    async def _wait_for_postgres(
+        self, subscription: Subscription, closed: asyncio.Future[Any]
+    ) -> None:
+        """Hand back what the worker holds, then consume nothing until Postgres answers.
+
+        Deliveries still arriving meanwhile (sent before the consumer was cancelled) are
+        handed back too: held, they would run into the consumer timeout.
+        """
+        delay = 0.1
+        while not self._stopping.is_set():
+            if closed.done():
+                raise ConnectionLost
+            await self._hand_back(subscription)
+            if await self._postgres_answers():
+                log.info("Postgres answers again; consuming")
+                return
+            await self._sleep(delay)
+            delay = min(delay * 2, self.settings.retry_max_backoff)
+
+    async def _postgres_answers(self) -> bool:
+        assert self.pool is not None
+        try:
+            async with asyncio.timeout(5):
+                await self.pool.fetchval("SELECT 1")
+        except Exception:  # noqa: BLE001 - whatever it is, Postgres cannot take the batch yet
+            return False
+        return True
+
+    async def _hand_back(self, subscription: Subscription) -> None:
+        """Stop consuming, and put every delivery held back in the queue as a new message.
+
+        A nack, or the channel closing, would return the delivery instead; but RabbitMQ 3.10
+        counts every return of a quorum queue's message toward the delivery limit, so an outage
+        longer than a few consumer timeouts would dead-letter good webhooks. A copy starts
+        from zero. It is confirmed before the original is acked: a crash in between leaves a
+        duplicate, which the fold ignores. A copy not confirmed in time (the broker blocks us)
+        leaves its original held, handed back on a later try or delivered again.
+        """
+        await subscription.stop()
+        handed = 0
+        for message in subscription.held():
+            try:
+                await self._publish(
+                    subscription.topology.exchange,
+                    requeued(message),
+                    message.routing_key or "",
+                    "a message handed back",
+                )
+            except PublishTimedOut:
+                break
+            except aiormq.exceptions.DeliveryError as exc:
+                log.warning("cannot hand a message back (%s); it stays held", exc)
+                continue
+            await _ack(message)
+            handed += 1
+        if handed:
+            self.metrics.handed_back.inc(handed)
+            log.warning(
+                "Postgres unavailable: deliveries handed back to the queue; consuming again "
+                "once it answers",
+                extra={"messages": handed},
+            )
+
+    async def _publish(
+        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, what: str
+    ) -> None:
+        """Publish, confirmed and routed, within PUBLISH_DEADLINE; PublishTimedOut if not."""
+        try:
+            async with asyncio.timeout(PUBLISH_DEADLINE):
+                await exchange.publish(message, routing_key, mandatory=True)
+        except TimeoutError:
+            log.warning(
+                "%s not confirmed within %.0f s (is the broker blocking publishers?): "
+                "its delivery is not acknowledged and will come again",
+                what,
+                PUBLISH_DEADLINE,
+            )
+            raise PublishTimedOut from None
 
     async def _process_fresh_then_suspects(
         self, batch: list[AbstractIncomingMessage], subscription: Subscription
@@ -370,18 +531,15 @@ class Worker:
         fresh = [m for m in batch if not m.redelivered]
         suspects = [m for m in batch if m.redelivered]
         await subscription.start(cautious=bool(suspects))
-        topology, channel = subscription.topology, subscription.channel
         if fresh:
-            await self._process(fresh, topology, channel)
+            await self._process(fresh, subscription)
         for message in suspects:
             if message.content_type == BUNDLE:
-                await self._split(message, topology, channel)
+                await self._split(message, subscription)
             else:
-                await self._process([message], topology, channel)
+                await self._process([message], subscription)
 
-    async def _split(
-        self, message: AbstractIncomingMessage, topology: Topology, channel: AbstractChannel
-    ) -> None:
+    async def _split(self, message: AbstractIncomingMessage, subscription: Subscription) -> None:
         """Put a redelivered bundle's webhooks back in the queue one per message, then ack it.
 
         Whichever of them crashed a worker then meets the delivery limit alone, and the others
@@ -392,19 +550,26 @@ class Worker:
         try:
             webhooks = unpack(message)
         except ValueError:
-            await self._process([message], topology, channel)  # dead-letters it, with the reason
+            await self._process([message], subscription)  # dead-letters it, with the reason
             return
+        topology = subscription.topology
         try:
             for webhook in webhooks:
                 if webhook.event in ROUTING_KEYS:
                     routing_key = ROUTING_KEYS[webhook.event]
-                    await topology.exchange.publish(alone(webhook), routing_key, mandatory=True)
-                else:
-                    reason = f"unknown event {webhook.event!r}"
-                    await self._dead_letter(message, webhook, reason, topology)
+                    await self._publish(
+                        topology.exchange, alone(webhook), routing_key, "a split webhook"
+                    )
+                elif not await self._dead_letter(
+                    message, webhook, f"unknown event {webhook.event!r}", topology
+                ):
+                    raise PublishTimedOut
         except aiormq.exceptions.DeliveryError as exc:
             log.warning("cannot split a redelivered bundle (%s): applying it whole", exc)
-            await self._process([message], topology, channel)
+            await self._process([message], subscription)
+            return
+        except PublishTimedOut:
+            await _requeue(message)  # to be split again; what was published is a duplicate then
             return
         log.info("redelivered bundle split", extra={"webhooks": len(webhooks)})
         await _ack(message)
@@ -416,12 +581,16 @@ class Worker:
     def _take(
         self, inbox: asyncio.Queue[AbstractIncomingMessage], batch: list[AbstractIncomingMessage]
     ) -> list[AbstractIncomingMessage]:
-        """Add what is already waiting to the batch, in delivery order, up to the batch size."""
+        """Add what is already waiting to the batch, in delivery order, up to the batch size.
+
+        A message handed back meanwhile (Worker._hand_back) is settled: it is skipped.
+        """
         records = sum(_record_count(m) for m in batch)
         while records < self.settings.batch_max_records and not inbox.empty():
             message = inbox.get_nowait()
-            batch.append(message)
-            records += _record_count(message)
+            if not message.processed:
+                batch.append(message)
+                records += _record_count(message)
         return batch
 
     async def _collect(
@@ -466,36 +635,45 @@ class Worker:
                 break
             batch.append(message)
             records += _record_count(message)
-        return batch
+        return [m for m in batch if not m.processed]
 
     async def _process(
-        self, batch: list[AbstractIncomingMessage], topology: Topology, channel: AbstractChannel
+        self, batch: list[AbstractIncomingMessage], subscription: Subscription
     ) -> None:
         """Decode, commit, then ack; what can never be applied is dead-lettered on the way."""
         started = time.perf_counter()
+        topology = subscription.topology
         decoded: list[Decoded] = []
         readable: list[AbstractIncomingMessage] = []
+        # Messages whose dead-letter copy was not confirmed in time: not acked, but returned,
+        # so that they come again rather than wait for the consumer timeout.
+        unsettled: set[int] = set()
         for message in batch:
             try:
                 webhooks = unpack(message)
             except Exception as exc:  # noqa: BLE001 - whatever it is, this message is unreadable
                 reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
-                await self._dead_letter(message, None, f"unreadable message: {reason}", topology)
-                await _ack(message)
+                reason = f"unreadable message: {reason}"
+                if await self._dead_letter(message, None, reason, topology):
+                    await _ack(message)
+                else:
+                    await _requeue(message)
                 continue
             readable.append(message)
             for webhook in webhooks:
                 try:
                     decoded.append(decode_webhook(message, webhook))
+                    continue
                 except ValueError as exc:
-                    await self._dead_letter(message, webhook, str(exc), topology)
+                    reason = str(exc)
                 except Exception as exc:
                     log.exception("cannot decode a webhook")
                     reason = f"undecodable: {type(exc).__name__}"
-                    await self._dead_letter(message, webhook, reason, topology)
+                if not await self._dead_letter(message, webhook, reason, topology):
+                    unsettled.add(id(message))
         for part in by_event(decoded):
             try:
-                rows, changed = await self._commit(part, channel)
+                rows, changed = await self._commit(part, subscription)
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -504,7 +682,8 @@ class Worker:
                     "batch failed (%s); writing its webhooks one by one", type(exc).__name__
                 )
                 for item in part:
-                    await self._commit_alone(item, topology, channel)
+                    if not await self._commit_alone(item, subscription):
+                        unsettled.add(id(item.message))
             else:
                 self._record(part, rows, changed, time.perf_counter() - started)
             started = time.perf_counter()
@@ -512,32 +691,38 @@ class Worker:
         # them. One ack per message, not one multiple=True ack: that would also ack any delivery
         # a bug left out of the batch, and an ack is only a frame written, not a round trip.
         for message in readable:
-            await _ack(message)
+            if id(message) in unsettled:
+                await _requeue(message)
+            else:
+                await _ack(message)
 
-    async def _commit_alone(
-        self, item: Decoded, topology: Topology, channel: AbstractChannel
-    ) -> None:
+    async def _commit_alone(self, item: Decoded, subscription: Subscription) -> bool:
+        """Write one webhook, or dead-letter it when its data fails; False if that copy was
+        not confirmed in time (its message must not be acked)."""
         started = time.perf_counter()
         try:
-            rows, changed = await self._commit([item], channel)
+            rows, changed = await self._commit([item], subscription)
         except Exception as exc:
             if not is_data_error(exc):
                 raise
             sqlstate = getattr(exc, "sqlstate", None) or ""
             reason = f"write failed: {type(exc).__name__} {sqlstate}".strip()
-            await self._dead_letter(item.message, item.webhook, reason, topology)
-            return
+            return await self._dead_letter(
+                item.message, item.webhook, reason, subscription.topology
+            )
         self._record([item], rows, changed, time.perf_counter() - started)
+        return True
 
     async def _commit(
-        self, decoded: list[Decoded], channel: AbstractChannel
+        self, decoded: list[Decoded], subscription: Subscription
     ) -> tuple[list[Row], dict[int, int]]:
         """Fold and write the batch; (the folded rows, how many changed the table, by rank).
 
-        Every failure but a data error is retried with backoff, for as long as it takes: a
-        Postgres restart, a deadlock, but also a dropped table or a revoked permission, which an
-        operator can fix while the messages wait. Only a data error (a value this batch holds)
-        is raised, for _process to find and dead-letter the message that holds it.
+        Every failure but a data error is retried with backoff: a Postgres restart, a deadlock,
+        but also a dropped table or a revoked permission, which an operator can fix while the
+        messages wait. Past HOLD_LIMIT it raises Stalled: the messages wait in the queue, not
+        in this worker (see _hand_back). Only a data error (a value this batch holds) is raised
+        as it is, for _process to find and dead-letter the message that holds it.
         """
         rows = fold([row for item in decoded for row in item.rows])
         rejected = [r for item in decoded for r in item.rejected]
@@ -559,12 +744,15 @@ class Worker:
                         "retry_in": delay,
                     },
                 )
-            if channel.is_closed:
+            if subscription.channel.is_closed:
                 # RabbitMQ will deliver these again (to us after reconnecting, or to another
                 # worker); retrying here would only write them twice.
                 raise ConnectionLost
-            if self._stopping.is_set() and time.monotonic() + delay > self._stop_deadline:
-                raise Abandoned
+            if self._stopping.is_set():
+                if time.monotonic() + delay > self._stop_deadline:
+                    raise Abandoned
+            elif subscription.held_for() + delay > HOLD_LIMIT:
+                raise Stalled
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.retry_max_backoff)
 
@@ -574,12 +762,13 @@ class Worker:
         webhook: Webhook | None,
         reason: str,
         topology: Topology,
-    ) -> None:
-        """Park what can never be applied in the dead-letter queue, with the reason.
+    ) -> bool:
+        """Park what can never be applied in the dead-letter queue, with the reason and when.
 
         The message as it came; for a webhook of a bundle, that webhook in a message of its own.
         The copy is confirmed before the caller acks the original: a crash in between leaves a
         duplicate in the dead-letter queue, never a loss (mandatory: never an unrouted copy).
+        False when the copy was not confirmed in time: the caller must not ack the original.
         """
         if webhook is None or message.content_type != BUNDLE:
             headers = {
@@ -600,7 +789,12 @@ class Worker:
             original = ROUTING_KEYS.get(webhook.event, message.routing_key or "")
             copy = alone(webhook, **{schema.H_ERROR: reason[:1000]})
             copy.headers["x-original-routing-key"] = original
-        await topology.dead_exchange.publish(copy, routing_key="", mandatory=True)
+        # Its retention counts from now, not from when the webhook was received.
+        copy.headers[H_DEAD_LETTERED_AT] = int(time.time() * 1000)
+        try:
+            await self._publish(topology.dead_exchange, copy, "", "a dead letter's copy")
+        except PublishTimedOut:
+            return False
         self.metrics.dead_letters.inc()
         log.error(
             "message dead-lettered",
@@ -610,6 +804,7 @@ class Worker:
                 "request_id": (copy.headers or {}).get(schema.H_REQUEST_ID),
             },
         )
+        return True
 
     def _record(
         self, decoded: list[Decoded], rows: list[Row], changed: dict[int, int], took: float
@@ -652,20 +847,41 @@ class Worker:
         )
 
 
-async def apply_retention(settings: Settings, pool: asyncpg.Pool) -> tuple[int, int]:
-    """Purge rejected records and dead letters older than their retention; (rows, letters)."""
+async def apply_retention(
+    settings: Settings, db: asyncpg.Pool | asyncpg.Connection
+) -> tuple[int, int]:
+    """Purge rejected records and dead letters older than their retention; (rows, letters).
+
+    A dead letter's age counts from when it was dead-lettered: one that failed today keeps its
+    full retention for the operator to look at, however long ago its webhook was received.
+    """
     now = datetime.now(UTC)
-    rows = await purge_rejected(pool, settings.rejected_retention_days)
+    rows = await purge_rejected(db, settings.rejected_retention_days)
     cutoff = now - timedelta(days=settings.dead_letter_retention_days)
     letters = 0
     async with open_dead_letters(settings) as dlq:
         for letter in await dlq.scan(RETENTION_SCAN_LIMIT):
-            if letter.received_at is not None and letter.received_at < cutoff:
+            died = dead_lettered_at(letter)
+            if died is not None and died < cutoff:
                 await dlq.drop(letter)
                 letters += 1
     if rows or letters:
         log.info("retention applied", extra={"rejected_records": rows, "dead_letters": letters})
     return rows, letters
+
+
+def requeued(message: AbstractIncomingMessage) -> aio_pika.Message:
+    """A delivery as a new message for the same queue: the same body, headers and identity."""
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+    )
 
 
 def _record_count(message: AbstractIncomingMessage) -> int:
@@ -678,4 +894,12 @@ async def _ack(message: AbstractIncomingMessage) -> None:
         await message.ack()
     except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
         # Committed but not acked: RabbitMQ redelivers, and the fold makes that a no-op.
+        raise ConnectionLost from exc
+
+
+async def _requeue(message: AbstractIncomingMessage) -> None:
+    """Return a delivery to the queue, to come again (it counts toward the delivery limit)."""
+    try:
+        await message.nack(requeue=True)
+    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
         raise ConnectionLost from exc

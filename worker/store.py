@@ -386,11 +386,25 @@ async def ensure_database(dsn: str) -> None:
 
 
 # The age in days, not an instant: a time parameter would need a datetime on an ordinary
-# connection and an int on the worker's (open_pool), and this runs on both.
-PURGE_REJECTED = "DELETE FROM rejected_records WHERE received_at < now() - $1 * interval '1 day'"
+# connection and an int on the worker's (open_pool), and this runs on both. At most $2 rows a
+# statement: each stays short, well within the command timeout, however much has piled up.
+PURGE_REJECTED = """
+DELETE FROM rejected_records WHERE id IN (
+    SELECT id FROM rejected_records WHERE received_at < now() - $1 * interval '1 day' LIMIT $2)
+"""
+PURGE_CHUNK = 10_000
 
 
-async def purge_rejected(pool: asyncpg.Pool, older_than_days: float) -> int:
-    """Delete rejected records received more than so many days ago (they hold personal data)."""
-    status = await pool.execute(PURGE_REJECTED, float(older_than_days))
-    return _rows_affected(status)
+async def purge_rejected(
+    db: asyncpg.Pool | asyncpg.Connection, older_than_days: float, chunk: int = PURGE_CHUNK
+) -> int:
+    """Delete rejected records received more than so many days ago (they hold personal data).
+
+    In statements of at most `chunk` rows, until none is left.
+    """
+    purged = 0
+    while True:
+        deleted = _rows_affected(await db.execute(PURGE_REJECTED, float(older_than_days), chunk))
+        purged += deleted
+        if deleted < chunk:
+            return purged
