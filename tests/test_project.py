@@ -15,7 +15,7 @@ import pytest
 from common.settings import ENV_VARS, Settings, SettingsError, load_settings
 from receiver.app import ReceiverMetrics
 from tests.conftest import ROOT
-from worker.service import WorkerMetrics
+from worker.metrics import WorkerMetrics
 
 
 def test_readme_configuration_table_lists_every_setting() -> None:
@@ -44,6 +44,38 @@ def test_compose_file_is_valid_and_runs_the_tested_commands() -> None:
     assert "- python\n    - -m\n    - worker" in config
     assert "- python\n    - -m\n    - admin\n    - sync\n    - --all\n    - --every" in config
     assert "container_name" not in config  # the worker must scale
+
+
+def test_the_cluster_profile_is_valid_and_runs_the_tested_commands() -> None:
+    for tool in ("docker-compose", "haproxy"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
+    result = subprocess.run(
+        [
+            "docker-compose",
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--profile",
+            "cluster",
+            "config",
+        ],
+        env={**os.environ, "WEBHOOK_TOKEN": "check"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    config = result.stdout
+    for node in ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3"):
+        assert f"hostname: {node}" in config
+        assert f"@{node}:5672/" in config  # every node in the services' AMQP_URL
+    checked = subprocess.run(
+        ["haproxy", "-c", "-f", str(ROOT / "deploy" / "haproxy" / "haproxy.cfg")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_defaults_are_the_documented_ones() -> None:
