@@ -29,6 +29,12 @@ Faults (each logged with a timestamp), one after the other with the load running
     memory-alarm      rabbitmqctl set_vm_memory_high_watermark 0, a pause, restore
     receiver-restart  SIGTERM the receiver, start it again
 
+With --cluster the broker is a PRIVATE three-node RabbitMQ cluster instead (the services get
+every node in AMQP_URL, straight, no proxy), and the broker faults are the cluster's own:
+
+    leader-kill       kill -9 the node that leads the queue, a pause, start it again
+    node-stop         stop_app a node that does not lead the queue, a pause, start_app
+
 and, only when asked for by name, a check of the soak itself:
 
     selfcheck-purge   stall the workers, then purge the queue: stored messages are destroyed, and
@@ -73,6 +79,7 @@ import asyncpg
 
 from common.settings import Settings
 from common.topology import DEAD_QUEUE, QUEUE
+from tests.cluster import PrivateCluster
 from tests.conftest import TOKEN, free_port
 from tests.proxy import Proxy
 from tests.servers import (
@@ -99,6 +106,8 @@ FAULTS = (
 # Not a fault the pipeline should survive: it throws messages away, to show that the soak notices.
 SELF_CHECK = "selfcheck-purge"
 QUICK_FAULTS = ("kill", "pg-restart", "broker-blackhole")
+CLUSTER_FAULTS = ("leader-kill", "node-stop", "kill", "term", "pg-restart", "receiver-restart")
+QUICK_CLUSTER_FAULTS = ("leader-kill", "node-stop", "kill")
 SHOPS = ("soak-shop-a", "soak-shop-b", "soak-shop-c")
 # Event times: slot n of a customer is (n * STRIDE + offset) mod PRIME, a permutation of
 # range(PRIME): every event of a customer has its own time (no ties for the oracle to settle), and
@@ -457,6 +466,7 @@ class Options:
     max_faults: int
     tracers: bool
     receiver_processes: int = 1
+    cluster: bool = False
 
 
 def private_dir(prefix: str) -> Path:
@@ -473,7 +483,8 @@ class Soak:
         self.options = options
         self.rng = random.Random(options.seed)  # noqa: S311 - shapes the load, not a secret
         self.rundir = Path(tempfile.mkdtemp(prefix="upgates-soak-"))
-        self.rabbit: PrivateRabbit | None = None
+        self.rabbit: PrivateRabbit | None = None  # with --cluster: a node that is up
+        self.cluster: PrivateCluster | None = None
         self.postgres: PrivatePostgres | None = None
         self.proxies: dict[str, Proxy] = {}
         self.receiver: Service | None = None
@@ -491,10 +502,16 @@ class Soak:
         if not (RABBIT_BIN / "rabbitmq-server").exists():
             raise SystemExit(f"soak: no RabbitMQ server in {RABBIT_BIN} (set TEST_RABBITMQ_BIN)")
         say(f"run directory {self.rundir}")
-        self.rabbit = PrivateRabbit(private_dir("upgates-soak-rabbit-"))
         self.postgres = PrivatePostgres(private_dir("upgates-soak-pg-"))
-        say(f"starting a private RabbitMQ node {self.rabbit.node} on 127.0.0.1:{self.rabbit.port}")
-        self.rabbit.start()
+        if self.options.cluster:
+            self.cluster = PrivateCluster(private_dir("upgates-soak-cluster-"))
+            self.rabbit = self.cluster.nodes[0]
+            say(f"starting a private three-node RabbitMQ cluster: {self.cluster.url}")
+            self.cluster.start()
+        else:
+            self.rabbit = PrivateRabbit(private_dir("upgates-soak-rabbit-"))
+            say(f"starting a private RabbitMQ node {self.rabbit.node} on :{self.rabbit.port}")
+            self.rabbit.start()
         say(f"starting a private Postgres cluster on 127.0.0.1:{self.postgres.port}")
         self.postgres.init()
 
@@ -503,7 +520,16 @@ class Soak:
         for service in [*self.workers, *([self.receiver] if self.receiver else [])]:
             service.kill()
         keep = failed or self.options.keep_logs
-        if self.rabbit is not None:
+        if self.cluster is not None:
+            with contextlib.suppress(OSError):
+                self.cluster.stop()
+            base = self.cluster.nodes[0].base.parent
+            if keep:
+                for i, node in enumerate(self.cluster.nodes, 1):
+                    with contextlib.suppress(OSError):
+                        shutil.copytree(node.base / "log", self.rundir / f"rabbitmq-{i}-log")
+            shutil.rmtree(base, ignore_errors=True)
+        elif self.rabbit is not None:
             with contextlib.suppress(OSError):  # the Erlang VM, then its directory
                 self.rabbit.stop()
             if keep:
@@ -559,20 +585,24 @@ class Soak:
         finally:
             await admin.close()
         self.database_url = self.postgres.dsn("soak")
-        for name, port in (
-            ("amqp-receiver", self.rabbit.port),
-            ("amqp-workers", self.rabbit.port),
-            ("postgres-workers", self.postgres.port),
-        ):
+        links = [("postgres-workers", self.postgres.port)]
+        if self.cluster is None:
+            links += [("amqp-receiver", self.rabbit.port), ("amqp-workers", self.rabbit.port)]
+        for name, port in links:
             self.proxies[name] = await Proxy("127.0.0.1", port).start()
         amqp = "amqp://guest:guest@127.0.0.1:{}/"
+        if self.cluster is not None:
+            receiver_amqp = workers_amqp = self.cluster.url
+        else:
+            receiver_amqp = amqp.format(self.proxies["amqp-receiver"].port)
+            workers_amqp = amqp.format(self.proxies["amqp-workers"].port)
         receiver_settings = service_settings(
-            amqp.format(self.proxies["amqp-receiver"].port),
+            receiver_amqp,
             self.database_url,
             receiver_processes=options.receiver_processes,
         )
         worker_settings = service_settings(
-            amqp.format(self.proxies["amqp-workers"].port),
+            workers_amqp,
             self.postgres.dsn("soak", port=self.proxies["postgres-workers"].port),
             receiver_port=receiver_settings.receiver_port,
         )
@@ -783,6 +813,31 @@ class Soak:
             await self.rabbit.memory_alarm(False)
         return f"memory alarm {on:.1f} s"
 
+    async def _fault_leader_kill(self) -> str:
+        assert self.cluster is not None
+        leader = await self.cluster.leader(QUEUE)
+        self.cluster.kill(leader)
+        self.rabbit = next(n for n in self.cluster.nodes if n is not leader)
+        down = self._hold((2.0, 3.0), (2.0, 8.0))
+        say(f"  killed the queue's leader {leader.node} (kill -9), down for {down:.1f} s")
+        await asyncio.sleep(down)
+        await asyncio.to_thread(self.cluster.restart, leader)
+        return f"kill -9 of the leader {leader.node}, {down:.1f} s, started again"
+
+    async def _fault_node_stop(self) -> str:
+        assert self.cluster is not None
+        leader = await self.cluster.leader(QUEUE)
+        node = self.rng.choice([n for n in self.cluster.nodes if n is not leader])
+        self.rabbit = leader
+        down = self._hold((2.0, 3.0), (2.0, 8.0))
+        await node.stop_app()
+        try:
+            say(f"  stopped {node.node} (stop_app, not the leader) for {down:.1f} s")
+            await asyncio.sleep(down)
+        finally:
+            await node.start_app()
+        return f"stop_app of {node.node}, {down:.1f} s, start_app"
+
     async def _fault_selfcheck_purge(self) -> str:
         assert self.rabbit is not None
         proxy = self.proxies["postgres-workers"]
@@ -987,7 +1042,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="faults: " + ", ".join((*FAULTS, SELF_CHECK)),
+        epilog="faults: "
+        + ", ".join((*FAULTS, SELF_CHECK))
+        + "; with --cluster: "
+        + ", ".join(CLUSTER_FAULTS),
     )
     parser.add_argument("--minutes", type=float, default=5.0, help="fault loop length (5)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (3; quick 2)")
@@ -1006,14 +1064,21 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--receiver-processes", type=int, default=1, help="RECEIVER_PROCESSES of the receiver (1)"
     )
+    parser.add_argument(
+        "--cluster", action="store_true", help="a private three-node RabbitMQ cluster"
+    )
     args = parser.parse_args(argv)
+    known = CLUSTER_FAULTS if args.cluster else (*FAULTS, SELF_CHECK)
     if args.faults == "all":
-        faults = QUICK_FAULTS if args.quick else FAULTS
+        if args.cluster:
+            faults = QUICK_CLUSTER_FAULTS if args.quick else CLUSTER_FAULTS
+        else:
+            faults = QUICK_FAULTS if args.quick else FAULTS
     else:
         faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
-        unknown = [f for f in faults if f not in (*FAULTS, SELF_CHECK)]
+        unknown = [f for f in faults if f not in known]
         if unknown or not faults:
-            parser.error(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
+            parser.error(f"unknown faults {unknown}; choose from {', '.join(known)}")
     quick = args.quick
 
     def pick(value: int | None, full: int, short: int) -> int:
@@ -1036,6 +1101,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         max_faults=args.max_faults,
         tracers=not args.no_tracers,
         receiver_processes=pick(args.receiver_processes, 1, 1),
+        cluster=args.cluster,
     )
 
 
