@@ -319,6 +319,12 @@ async def drive_everyday(
     return out
 
 
+# The load's own shops only (all named bench-...): a grown table's other shops would make
+# every poll a scan of millions of rows. A range of the primary key, so an index scan.
+VISIBLE = """SELECT count(*), count(updated_at) FROM customers
+WHERE project_name >= 'bench-' AND project_name < 'bench.'"""
+
+
 async def wait_visible(
     ctx: Context, out: Outcome, worker_ports: list[int], records: int, limit: float
 ) -> float:
@@ -342,7 +348,7 @@ async def wait_visible(
                 await asyncio.sleep(0.02 if committed >= 0.95 * records else 0.2)
         while True:
             seen = time.perf_counter()
-            rows, updated = await conn.fetchrow("SELECT count(*), count(updated_at) FROM customers")
+            rows, updated = await conn.fetchrow(VISIBLE)
             if rows >= out.rows and updated >= out.updated:
                 return seen
             if time.monotonic() > deadline:
