@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from common import schema
-from worker.fold import decode_payload, fold
+from worker.fold import decode_payload, fold, micros
 from worker.store import RejectedFrom, open_pool, write_batch
 
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -40,7 +40,7 @@ async def receive(request: web.Request) -> web.Response:
         project, rows, rejected = decode_payload(event, body)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return web.json_response({"error": "not an envelope"}, status=422)
-    now = datetime.now(UTC)
+    now = micros(datetime.now(UTC))
     request_id = f"naive-{time.time_ns()}"
     await write_batch(
         request.app[POOL],

@@ -1,12 +1,14 @@
 """Reading, replaying and purging the dead-letter queue (used by the admin command and workers).
 
-Listing works by getting messages without acknowledging them and closing the channel after:
-RabbitMQ then puts back everything not acked, so looking never removes anything. That holds
-however often anyone looks because the dead-letter queue is a classic queue, where a return is
-not a delivery that counts toward a limit (see common/topology.py).
+Looking never uses a letter up. A scan takes messages without acknowledging them; on close,
+each letter neither replayed nor dropped is published back to the queue as a copy (confirmed)
+and only then acknowledged. Returning it unacknowledged instead would count as a delivery, and
+RabbitMQ 4.x drops a quorum queue's message after 20 deliveries by default: some twenty looks
+(`dead list`, the hourly retention run) would lose every dead letter. A crash between the copy
+and the ack leaves a duplicate, which replaying makes harmless.
 
 Operators name a dead letter by its id (DeadLetter.id), never by its place in a listing: the
-place changes whenever another letter arrives, is replayed or purged.
+place changes whenever another letter arrives, is replayed, purged or looked at.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from common import schema
+from common.brokers import Nodes
 from common.message import BUNDLE
 from common.settings import Settings
 from common.topology import (
     BUNDLE_ROUTING_KEY,
     EXCHANGE,
     ROUTING_KEYS,
-    amqp_url_with_heartbeat,
     declare_topology,
-    retire_old_dead_queue,
 )
 
 # Set by a worker on a message it dead-letters: when, in milliseconds since the epoch.
@@ -127,12 +128,13 @@ def dead_lettered_at(letter: DeadLetter) -> datetime | None:
 
 
 class DeadLetterQueue:
-    """A session on the dead-letter queue; what is not acked returns to it on close."""
+    """A session on the dead-letter queue; what it took and did not remove is put back on close."""
 
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
         self._channel = channel
         self._queue = queue
         self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._held: dict[int, DeadLetter] = {}  # taken and not yet removed, by identity
 
     async def scan(self, limit: int) -> list[DeadLetter]:
         """Up to `limit` dead letters, oldest first, held unacknowledged until close."""
@@ -141,7 +143,9 @@ class DeadLetterQueue:
             message = await self._queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            found.append(describe(message))
+            letter = describe(message)
+            self._held[id(letter)] = letter
+            found.append(letter)
         return found
 
     async def replay(self, letter: DeadLetter) -> None:
@@ -169,20 +173,45 @@ class DeadLetterQueue:
             routing_key=letter.routing_key,
             mandatory=True,
         )
-        await letter.message.ack()
+        await self.drop(letter)
 
     async def drop(self, letter: DeadLetter) -> None:
         """Remove a dead letter for good."""
         await letter.message.ack()
+        self._held.pop(id(letter), None)
+
+    async def put_back(self) -> None:
+        """Put every letter taken and not removed back, as a confirmed copy, then ack it."""
+        for letter in list(self._held.values()):
+            message = letter.message
+            headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+            await self._channel.default_exchange.publish(
+                aio_pika.Message(
+                    message.body,
+                    headers=headers,
+                    content_type=message.content_type,
+                    content_encoding=message.content_encoding,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message.message_id,
+                    timestamp=message.timestamp,
+                ),
+                routing_key=self._queue.name,
+                mandatory=True,
+            )
+            await self.drop(letter)
 
 
 @contextlib.asynccontextmanager
 async def open_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
     """A DeadLetterQueue on its own connection, closed (returning unacked messages) on exit."""
-    connection = await aio_pika.connect(amqp_url_with_heartbeat(settings.amqp_url), timeout=10)
+    connection = await Nodes(settings.amqp_url).connect(timeout=10)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, settings)
-        # After an upgrade, the letters of the earlier quorum queue join the others first.
-        await retire_old_dead_queue(channel, drain=True)
-        yield DeadLetterQueue(channel, topology.dead_queue)
+        letters = DeadLetterQueue(channel, topology.dead_queue)
+        try:
+            yield letters
+        finally:
+            # On an error too; what cannot be put back (the link is gone) returns unacked.
+            with contextlib.suppress(Exception):
+                await letters.put_back()

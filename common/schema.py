@@ -1,12 +1,16 @@
 """The wire schema: what Upgates sends, and the headers the receiver puts on each message.
 
-Decoders are built once here. The receiver decodes only the envelope (records stay raw bytes);
-the worker decodes each record on its own, so one bad record cannot fail its neighbours.
+Every Struct and decoder of a webhook body is here, built once. The receiver decodes only the
+envelope (records stay raw bytes). The worker reads a body in one pass (`bulk_decoder`), the
+common case; a body that pass cannot read, or that holds an unusable record, is read again record
+by record (`envelope_decoder`, then `record_decoder` on each), so one bad record is rejected alone
+and kept as sent. Both record Structs go through the same checks (worker/fold.py, `to_row`).
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -29,20 +33,23 @@ H_REQUEST_ID = "x-request-id"
 H_ERROR = "x-error"  # set on messages the worker dead-letters itself
 H_BUNDLE = "x-bundle"  # on a bundle (common/message.py): how many webhooks it carries
 
+ProjectName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
 
 class Envelope(msgspec.Struct):
-    """The body of every Customers.* webhook. Records are kept raw: the worker decodes them."""
+    """The body of every Customers.* webhook, its records kept raw to be decoded one by one."""
 
-    project_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    project_name: ProjectName
     customers: list[msgspec.Raw]
 
 
 class CustomerRecord(msgspec.Struct):
-    """One customer as Upgates sends it; lenient types, unknown fields ignored.
+    """One customer decoded on its own (`record_decoder`); lenient types, unknown fields ignored.
 
     `customer_id` is `int` decoded with strict=False, so "42" is accepted; the booleans take
-    true/false, 1/0 and "1"/"0"; timestamps stay text and are parsed by the worker (msgspec's
-    RFC 3339 parser does not take the older `+0100` form nor naive Prague time).
+    true/false, 1/0 and "1"/"0". Timestamps stay text, parsed by the worker: a time msgspec
+    cannot read may still be one Python's parser reads, and one neither reads is rejected as an
+    unparseable time rather than as a wrong type.
     """
 
     customer_id: int
@@ -55,8 +62,34 @@ class CustomerRecord(msgspec.Struct):
     blocked_yn: bool | None = None
 
 
+class BulkCustomerRecord(msgspec.Struct, gc=False):
+    """One customer as the one-pass decoder reads it: strict types, times parsed by msgspec.
+
+    Strict, because lax mode would also take numbers as times. The unions hold the lenient forms
+    CustomerRecord accepts ("42", 1, "0"), which the worker's checks convert by the same rules.
+    gc=False: thousands are alive at once, and a record of scalars can hold no cycle.
+    """
+
+    customer_id: int | str
+    email: str | None = None
+    code: str | int | None = None
+    creation_time: datetime | None = None
+    last_update_time: datetime | None = None
+    deletion_time: datetime | None = None
+    active_yn: bool | int | str | None = None
+    blocked_yn: bool | int | str | None = None
+
+
+class BulkEnvelope(msgspec.Struct):
+    """The body of a Customers.* webhook with every record decoded in the same pass."""
+
+    project_name: ProjectName
+    customers: list[BulkCustomerRecord]
+
+
 envelope_decoder = msgspec.json.Decoder(Envelope)
 record_decoder = msgspec.json.Decoder(CustomerRecord, strict=False)
+bulk_decoder = msgspec.json.Decoder(BulkEnvelope)
 json_encoder = msgspec.json.Encoder()
 
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 from common.metrics import MULTIPROCESS_DIR
@@ -39,8 +40,15 @@ def supervised_by(module: str) -> int | None:
     return int(value) if value else None
 
 
-def supervise(module: str, processes: int) -> int:
-    """Run `python -m module` `processes` times until a signal stops them; the exit status."""
+def supervise(
+    module: str,
+    processes: int,
+    env_for: Callable[[int], Mapping[str, str]] = lambda index: {},
+) -> int:
+    """Run `python -m module` `processes` times until a signal stops them; the exit status.
+
+    `env_for(index)` gives variables of the index-th process's own (from 0), over the rest.
+    """
     # Each process writes its metrics to files here; any of them answers /metrics with the sum.
     metrics_dir = tempfile.mkdtemp(prefix=f"upgates-{module}-metrics-")
     env = {**os.environ, _marker(module): str(os.getpid()), MULTIPROCESS_DIR: metrics_dir}
@@ -58,10 +66,10 @@ def supervise(module: str, processes: int) -> int:
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     try:
-        for _ in range(processes):
+        for index in range(processes):
             # S603: `module` is one of our own packages, named by our entry point.
             command = [sys.executable, "-m", module]
-            children.append(subprocess.Popen(command, env=env))  # noqa: S603
+            children.append(subprocess.Popen(command, env={**env, **env_for(index)}))  # noqa: S603
         if stopping:  # a signal came while they were starting
             pass_on(signal.SIGTERM, None)
         log.info("%s processes started", module, extra={"processes": len(children)})

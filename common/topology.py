@@ -3,13 +3,10 @@
 RabbitMQ refuses a redeclaration whose arguments differ (PRECONDITION_FAILED), so both services
 build the queue arguments here and nowhere else.
 
-The dead-letter queue is a classic queue, not a quorum queue: operators and the retention run
-browse it by taking messages and returning them unacknowledged, which a quorum queue counts as a
-delivery (3.x, and 4.x before 4.3), and RabbitMQ 4.x gives every quorum queue a delivery limit of
-20 by default: each dead letter would be dropped after some twenty looks. A classic queue has no
-delivery limit at all (nor replicas: the dead letters live on one node). A queue's type cannot
-change, so its name changed with it; retire_old_dead_queue moves the letters of the quorum queue
-of earlier versions over.
+The dead-letter queue is a quorum queue like the main one: a dead letter is a webhook that was
+answered 200, so it is replicated too. Nobody consumes it; browsing it never returns a message
+unacknowledged (a quorum queue counts that as a delivery, and RabbitMQ 4.x drops a message after
+20 of them by default): see common/deadletters.py.
 """
 
 from __future__ import annotations
@@ -18,9 +15,7 @@ import asyncio
 from dataclasses import dataclass
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
-from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
 from common.settings import Settings
@@ -28,25 +23,10 @@ from common.settings import Settings
 EXCHANGE = "upgates.webhooks"
 QUEUE = "upgates.customers"
 DEAD_EXCHANGE = "upgates.dead"
-DEAD_QUEUE = "upgates.customers.dead.v2"
-# The quorum dead-letter queue of earlier versions, emptied into DEAD_QUEUE and left unbound.
-OLD_DEAD_QUEUE = "upgates.customers.dead"
-# Classic: returning a message unacknowledged never uses it up (see the module docstring).
-# Declared explicitly: a vhost's default queue type may be quorum (RabbitMQ 4.x).
-DEAD_QUEUE_ARGUMENTS: FieldTable = {"x-queue-type": "classic"}
+DEAD_QUEUE = "upgates.customers.dead"
+DEAD_QUEUE_ARGUMENTS: FieldTable = {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3}
 ROUTING_KEYS = {event: f"customers.{event}" for event in ("create", "update", "delete")}
 BUNDLE_ROUTING_KEY = "customers.bundle"  # several webhooks, maybe of several events
-
-# Seconds between heartbeats: a broker that stops answering (a dead link, not a closed one) is
-# noticed within a few of these instead of aio-pika's default of a minute or more.
-HEARTBEAT = 5
-
-
-def amqp_url_with_heartbeat(url: str) -> str:
-    """The URL with a short heartbeat, unless the operator chose one."""
-    if "heartbeat=" in url:
-        return url
-    return f"{url}{'&' if '?' in url else '?'}heartbeat={HEARTBEAT}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,52 +72,9 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
         DEAD_QUEUE, durable=True, arguments=DEAD_QUEUE_ARGUMENTS
     )
     await dead_queue.bind(dead_exchange, routing_key="")
-    await retire_old_dead_queue(channel, drain=False)
     queue = await channel.declare_queue(QUEUE, durable=True, arguments=queue_arguments(settings))
     await queue.bind(exchange, routing_key="customers.*")
     return Topology(exchange, queue, dead_exchange, dead_queue)
-
-
-async def retire_old_dead_queue(channel: AbstractChannel, *, drain: bool) -> int:
-    """Unbind the dead-letter queue of earlier versions, if there is one; with drain, also move
-    its messages into DEAD_QUEUE. The number of messages moved.
-
-    Every service unbinds it when it declares the topology, so that no new dead letter lands
-    there; draining is left to whoever opens the dead letters (the admin command, the workers'
-    retention run), so that no service's start waits on it. A message is acknowledged only
-    after DEAD_QUEUE confirmed its copy: a crash in between leaves a duplicate, never a loss.
-    The empty queue stays for the operator to delete: a process of an earlier version may
-    still bind it and dead-letter into it, and a quorum queue cannot be deleted only if empty.
-    """
-    # A passive declare of a missing queue closes its channel (NOT_FOUND), so ask on a channel
-    # of its own; aiormq's channel names its connection in its public interface.
-    underlay = await channel.get_underlay_channel()
-    probe = await underlay.connection.channel(publisher_confirms=True)
-    try:
-        try:
-            await probe.queue_declare(OLD_DEAD_QUEUE, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0  # a new installation, or retired already
-        await probe.queue_unbind(OLD_DEAD_QUEUE, DEAD_EXCHANGE, routing_key="")
-        moved = 0
-        while drain:
-            got = await probe.basic_get(OLD_DEAD_QUEUE, no_ack=False)
-            if got.delivery_tag is None:  # basic.get-empty
-                break
-            confirm = await probe.basic_publish(
-                got.body,
-                routing_key=DEAD_QUEUE,
-                properties=got.header.properties,
-                mandatory=True,
-            )
-            if not isinstance(confirm, Basic.Ack):
-                raise RuntimeError(f"{DEAD_QUEUE} did not confirm a moved dead letter")
-            await probe.basic_ack(got.delivery_tag)
-            moved += 1
-        return moved
-    finally:
-        if not probe.is_closed:
-            await probe.close()
 
 
 async def until_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:

@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from common.backoff import backoff
 from common.brokers import Nodes
 from common.message import COMPRESS_FROM_BYTES, Webhook, pack
 from common.settings import Settings
@@ -236,7 +237,7 @@ class Publisher:
             confirm.exception()  # retrieved here too: its request may have given up on it
 
     async def _keep_connected(self) -> None:
-        backoff = 0.1
+        delays = backoff(0.1, 5.0)
         while True:
             connection: AbstractConnection | None = None
             try:
@@ -246,7 +247,7 @@ class Publisher:
                 self._connection = connection
                 self._channel, self._exchange = channel, topology.exchange
                 log.info("connected to the broker")
-                backoff = 0.1
+                delays = backoff(0.1, 5.0)  # a new outage starts from the shortest delay
                 await until_closed(connection, channel)
                 log.warning("lost the broker connection; reconnecting")
             except asyncio.CancelledError:
@@ -259,5 +260,4 @@ class Publisher:
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(connection.close())
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(next(delays))

@@ -305,7 +305,7 @@ def _decode(shop: str, bodies: dict[str, bytes], tag: str) -> tuple[list[Row], l
     """The rows of webhook bodies, and their rejected records, exactly as a worker decodes them."""
     rows: list[Row] = []
     rejected: list[RejectedFrom] = []
-    now = datetime.now(UTC)
+    now = micros(datetime.now(UTC))
     for event, body in bodies.items():
         _, event_rows, event_rejected = decode_payload(event, body)
         rows.extend(event_rows)

@@ -16,7 +16,8 @@ from common import schema
 from common.settings import Settings
 from common.topology import DEAD_EXCHANGE, DEAD_QUEUE
 from tests.conftest import post, wait_until
-from worker.service import Worker, apply_retention
+from worker.retention import apply_retention
+from worker.service import Worker
 
 CANARY = "canary-admin-5c1e@example.cz"
 DAY_MS = 86_400_000

@@ -13,7 +13,7 @@ import pytest
 
 from common.topology import QUEUE
 
-pytest.register_assert_rewrite("tests.servers")
+pytest.register_assert_rewrite("tests.servers", "tests.cluster")
 
 from tests.cluster import PrivateCluster  # noqa: E402
 from tests.servers import (  # noqa: E402
@@ -34,13 +34,14 @@ async def members(cluster: PrivateCluster) -> str:
 
 @pytest.mark.fault
 async def test_the_cluster_rides_a_killed_leader_its_return_and_another_node_stopping(
-    private_cluster: PrivateCluster, private_database: str, procs: Procs
+    private_cluster: PrivateCluster, database: str, procs: Procs
 ) -> None:
     cluster = private_cluster
-    settings = service_settings(cluster.url, private_database)
+    settings = service_settings(cluster.url, database)
     receiver = await procs.receiver(settings)
     worker = await procs.worker(settings)
-    assert all(node.node in await members(cluster) for node in cluster.nodes)
+    replicas = await members(cluster)
+    assert all(node.node in replicas for node in cluster.nodes), replicas
     async with Sender(receiver.url) as sender:
         await sender.wait_ok(30)
 
@@ -65,5 +66,5 @@ async def test_the_cluster_rides_a_killed_leader_its_return_and_another_node_sto
     # Upgates gives up after 1 s: every answer came before that, 503s included.
     assert max(stats.latencies) < 1.0, stats.summary()
     assert stats.errors["timeout"] == 0, stats.summary()
-    await assert_table_matches(private_database, sender.oracle, logs=procs.logs())
+    await assert_table_matches(database, sender.oracle, logs=procs.logs())
     await assert_serving(receiver, worker)

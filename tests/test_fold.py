@@ -17,6 +17,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from common import schema
 from worker.fold import (
     EPOCH,
     PRAGUE,
@@ -27,6 +28,7 @@ from worker.fold import (
     fingerprint,
     fold,
     micros,
+    micros_from_unix_ms,
     parse_time,
     record_to_row,
     status_fingerprint,
@@ -141,6 +143,12 @@ def test_micros_is_exact_to_the_microsecond_at_both_ends_of_the_range() -> None:
         datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     ):
         assert as_datetime(micros(instant)) == instant
+
+
+@pytest.mark.parametrize("ms", [0, -1, 1_705_309_200_123])
+def test_the_receivers_millisecond_stamp_in_microseconds(ms: int) -> None:
+    expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    assert as_datetime(micros_from_unix_ms(ms)) == expected
 
 
 def test_fingerprints_stay_the_values_already_stored() -> None:
@@ -759,6 +767,11 @@ def test_fold_is_the_same_for_any_order(
 
 
 # --- decode_payload: the one-pass path reads exactly like the record-by-record one ---------------
+
+
+def test_both_record_structs_have_the_same_fields() -> None:
+    # One set of checks (fold.to_row) reads the records of both decoders by these names.
+    assert schema.BulkCustomerRecord.__struct_fields__ == schema.CustomerRecord.__struct_fields__
 
 
 @given(events_strategy(max_size=8), st.sampled_from(tuple(RANKS)))

@@ -18,7 +18,8 @@ import pytest
 from common.settings import Settings
 from common.topology import DEAD_QUEUE, EXCHANGE
 from tests.conftest import connect_migrated, count_at_least, post, wait_until
-from worker.service import SPLIT_FROM_RECORDS, Worker
+from worker.pipeline import SPLIT_FROM_RECORDS
+from worker.service import Worker
 
 SHOP = "my-shop"
 T0 = datetime(2024, 10, 30, 9, 0, tzinfo=UTC)

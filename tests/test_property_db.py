@@ -24,7 +24,7 @@ from msgspec.structs import astuple
 from tests.conftest import PG_ADMIN
 from tests.test_fold import Event, delivered, events_strategy, oracle
 from worker import store
-from worker.fold import FIRST_US, LAST_US, Row, as_datetime, decode_payload, fold
+from worker.fold import FIRST_US, LAST_US, Row, as_datetime, decode_payload, fold, micros
 from worker.store import RejectedFrom, migrate, open_pool, write_batch
 
 KINDS = ("create", "update", "delete")
@@ -277,7 +277,7 @@ async def test_rejected_records_are_stored_with_the_rows(pool: asyncpg.Pool) -> 
     )
     project, rows, rejected = decode_payload("update", body)
     received = datetime(2024, 1, 15, 9, 0, 1, tzinfo=UTC)
-    batch = [RejectedFrom(project, received, "req-1", r) for r in rejected]
+    batch = [RejectedFrom(project, micros(received), "req-1", r) for r in rejected]
     for _ in range(2):
         await write_batch(pool, fold(rows), batch)
     assert [(k, v["email"]) for k, v in (await table(pool)).items()] == [(("shop-a", 1), "a@x.cz")]

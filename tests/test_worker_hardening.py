@@ -34,7 +34,8 @@ from common.settings import Settings, SettingsError, load_settings
 from common.topology import DEAD_EXCHANGE, EXCHANGE, QUEUE, ROUTING_KEYS, declare_topology
 from tests.conftest import ROOT, env_for, free_port, wait_until
 from worker import service
-from worker.service import Worker, apply_retention
+from worker.retention import apply_retention
+from worker.service import Worker
 from worker.store import migrate, purge_rejected
 
 # Before the import below: the helpers' asserts get pytest's messages (and no warning).

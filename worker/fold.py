@@ -15,16 +15,18 @@ give the same row. `store.UPSERT` applies the same join between a folded row and
 - created_at is the newest creation_time seen, updated_at the newest last_update_time seen:
   in the time-ordered replay every create and update is applied, whatever lost afterwards.
 
-Times are integers here: microseconds since 2000-01-01 UTC, which is how Postgres stores a
-timestamptz. They compare and hash faster than datetimes, and travel to Postgres as that int8
-itself (store.open_pool), which costs asyncpg a fraction of encoding a datetime.
+Every time on the path from decode to write is one integer: microseconds since 2000-01-01 UTC
+(EPOCH), which is how Postgres stores a timestamptz. It compares and hashes faster than a
+datetime, and travels to Postgres as that int8 itself (store.open_pool), which asyncpg encodes
+far more cheaply. Other forms are converted at the edges only: a record's time as it is checked
+(`to_row`), the receiver's millisecond stamp as a message is read (`micros_from_unix_ms`), and
+datetimes for people and tests (`micros`, `as_datetime`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, get_type_hints
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -41,6 +43,8 @@ MICROSECOND = timedelta(microseconds=1)
 # The instants a datetime can hold in UTC: a time outside them is rejected, as before it was kept.
 FIRST_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // MICROSECOND
 LAST_US = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - EPOCH) // MICROSECOND
+# The Unix epoch, 1970-01-01 UTC, in microseconds since EPOCH.
+UNIX_EPOCH_US = (datetime(1970, 1, 1, tzinfo=UTC) - EPOCH) // MICROSECOND
 # EPOCH in each fixed UTC offset seen so far (a few: Upgates sends +01:00 and +02:00).
 _EPOCHS: dict[timezone, datetime] = {}
 
@@ -58,9 +62,9 @@ class Rejected:
 class Row(msgspec.Struct, gc=False):
     """The folded state of one customer: the table's columns plus the versions that order them.
 
-    A msgspec Struct: built for every record, it costs a third of a dataclass, and gc=False keeps
-    the cyclic garbage collector from walking the thousands alive at once (its fields are
-    scalars, it can hold no cycle).
+    A msgspec Struct: one is built for every record, and a Struct is much cheaper to build than a
+    dataclass. gc=False keeps the cyclic garbage collector from walking the thousands alive at
+    once (its fields are scalars, it can hold no cycle).
     """
 
     project_name: str
@@ -110,9 +114,9 @@ def fingerprint(
     """An event's values as JSON text: the deterministic tiebreak between same-second events.
 
     Compared as bytes in Python and as bytea in Postgres (both memcmp), so both sides agree.
-    The text itself, not a hash of it: two different events never tie, and hashing it cost the
-    workers a sixth of their CPU in a burst (bench/README.md). It holds nothing the row does
-    not show: the email is the row's own, and a delete's fingerprint is made without it.
+    The text itself, not a hash of it: two different events never tie, and hashing every
+    record would cost the workers dearly in a burst. It holds nothing the row does not show:
+    the email is the row's own, and a delete's fingerprint is made without it.
     """
     return _encode((active, blocked, email, code))
 
@@ -138,8 +142,8 @@ def _newest(a: int | None, b: int | None) -> int | None:
 def parse_time(text: str) -> int:
     """ISO 8601 with `+01:00`, `+0100` or `Z`; without an offset, Europe/Prague local time.
 
-    Microseconds since EPOCH. msgspec's parser first (the one the fast path of
-    decode_payload uses, so both paths read a time alike), then Python's, which takes more forms.
+    Microseconds since EPOCH. msgspec's parser first (the one the one-pass decoder uses, so both
+    ways of decoding a payload read a time alike), then Python's, which takes more forms.
     """
     try:
         parsed = msgspec.convert(text, datetime)
@@ -155,8 +159,8 @@ def micros(at: datetime) -> int:
     """
     zone = at.tzinfo
     if type(zone) is timezone:  # a fixed offset, as every parsed offset is
-        # EPOCH in the time's own zone object: the subtraction then skips both UTC offsets
-        # (a quarter of the cost of computing it from the fields, which runs for every record).
+        # EPOCH in the time's own zone object: the subtraction then skips both UTC offsets,
+        # which is cheaper than computing the value from the fields, and runs for every record.
         epoch = _EPOCHS.get(zone)
         if epoch is None:
             epoch = EPOCH.astimezone(zone)
@@ -167,8 +171,8 @@ def micros(at: datetime) -> int:
             at = at.replace(tzinfo=PRAGUE)
         epoch = EPOCH
     delta = at - epoch
-    # From the difference's parts: half the cost of `delta // MICROSECOND`, which converts
-    # both timedeltas to microseconds with Python ints.
+    # From the difference's parts: cheaper than `delta // MICROSECOND`, which converts both
+    # timedeltas to microseconds with Python ints.
     value: int = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     if not FIRST_US <= value <= LAST_US:
         raise ValueError("outside the years 1-9999 in UTC")
@@ -178,6 +182,11 @@ def micros(at: datetime) -> int:
 def as_datetime(value: int) -> datetime:
     """Microseconds since EPOCH as a UTC datetime (for people and tests)."""
     return EPOCH + value * MICROSECOND
+
+
+def micros_from_unix_ms(ms: int) -> int:
+    """Milliseconds since 1970 (the receiver's x-received-at) as microseconds since EPOCH."""
+    return ms * 1000 + UNIX_EPOCH_US
 
 
 def _storable(text: str | None) -> bool:
@@ -190,66 +199,52 @@ def _storable(text: str | None) -> bool:
     return "\x00" not in text
 
 
-def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Row | Rejected:
-    """One raw record of a payload as a row, or the reason it cannot be used."""
-    try:
-        record = schema.record_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-        reason = f"invalid record: {schema.explain(exc, raw)}"
-        return Rejected(event, reason, _as_text(raw), position)
-    field = schema.TIME_FIELD[event]
-    text = getattr(record, field)
-    at: int | None = None
-    if text is not None:
-        try:
-            at = parse_time(text)
-        except (ValueError, OverflowError):  # OverflowError: year 1 minus an offset, and such
-            return Rejected(event, f"unparseable {field}", _as_text(raw), position)
-    code = str(record.code) if isinstance(record.code, int) else record.code
-    result = _row(
-        project, event, record.customer_id, record.email, code, at, record.active_yn,
-        record.blocked_yn,
-    )  # fmt: skip
-    if isinstance(result, str):
-        return Rejected(event, result, _as_text(raw), position)
-    return result
+class Unusable(Exception):
+    """A decoded record that cannot be applied; the message is the reason, for the operator."""
 
 
-def _row(
+def to_row(
     project: str,
-    event: str,
-    customer_id: int,
-    email: str | None,
-    code: str | None,
-    at: int | None,
-    active: bool | None,
-    blocked: bool | None,
-) -> Row | str:
-    """A record's values as a row, or the reason it cannot be used."""
-    if not BIGINT_MIN <= customer_id <= BIGINT_MAX:
-        return "customer_id is outside the bigint range"
-    if at is None:
-        return f"missing {schema.TIME_FIELD[event]}"
-    if not _storable(email) or not _storable(code):
-        return "email or code holds text Postgres cannot store (NUL byte or invalid text)"
-    return _build(project, RANK[event], customer_id, email, code, at, active, blocked)
-
-
-def _build(
-    project: str,
+    field: str,
     rank: int,
-    customer_id: int,
-    email: str | None,
-    code: str | None,
-    at: int,
-    active: bool | None,
-    blocked: bool | None,
+    record: schema.CustomerRecord | schema.BulkCustomerRecord,
+    nul_free: bool = False,
 ) -> Row:
-    """The row of a usable record (checked by the caller), for an event of this rank."""
+    """A record of either decoder as a row: the one set of checks.
+
+    Raises Unusable with the reason when the record cannot be used, and msgspec.ValidationError
+    for a lenient form that does not convert (as record_decoder would have). `field` and `rank`
+    are the event's time field and rank (schema.TIME_FIELD, RANK): looked up once per payload by
+    the caller, as this runs for every record. `nul_free`: the caller knows no text of the
+    record holds a NUL, so the text needs no looking at.
+    """
+    customer_id, active, blocked = record.customer_id, record.active_yn, record.blocked_yn
+    # The lenient forms the one-pass decoder leaves as sent ("42", 1, "0"), converted with
+    # record_decoder's rules (strict=False), so both ways of decoding accept the same.
+    if type(customer_id) is not int:
+        customer_id = msgspec.convert(customer_id, int, strict=False)
+    if active is not None and type(active) is not bool:
+        active = msgspec.convert(active, bool, strict=False)
+    if blocked is not None and type(blocked) is not bool:
+        blocked = msgspec.convert(blocked, bool, strict=False)
+    time = getattr(record, field)
+    try:
+        at = None if time is None else parse_time(time) if type(time) is str else micros(time)
+    except (ValueError, OverflowError):  # OverflowError: year 1 minus an offset, and such
+        raise Unusable(f"unparseable {field}") from None
+    if not BIGINT_MIN <= customer_id <= BIGINT_MAX:
+        raise Unusable("customer_id is outside the bigint range")
+    if at is None:
+        raise Unusable(f"missing {field}")
+    email, code = record.email, record.code
+    if isinstance(code, int):
+        code = str(code)
+    if not nul_free and (not _storable(email) or not _storable(code)):
+        raise Unusable("email or code holds text Postgres cannot store (NUL byte or invalid text)")
     if rank == 2:
         email = None  # a delete erases personal data
     fp = fingerprint(email, code, active, blocked)
-    # Positional arguments: this runs for every record, and keywords cost twice as much.
+    # Positional arguments: this runs for every record, and keywords cost more.
     if active is not None or blocked is not None:  # the event carries the status
         return Row(
             project, customer_id, email, code, at if rank == 2 else None,
@@ -263,85 +258,21 @@ def _build(
     )  # fmt: skip
 
 
+def record_to_row(project: str, event: str, raw: bytes, position: int = 0) -> Row | Rejected:
+    """One raw record of a payload as a row, or the reason it cannot be used."""
+    try:
+        record = schema.record_decoder.decode(raw)
+        return to_row(project, schema.TIME_FIELD[event], RANK[event], record)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        reason = f"invalid record: {schema.explain(exc, raw)}"
+    except Unusable as exc:
+        reason = str(exc)
+    return Rejected(event, reason, _as_text(raw), position)
+
+
 def _as_text(raw: bytes) -> str:
     # Kept for the operator as sent; NUL cannot be stored in a text column.
     return bytes(raw).decode("utf-8", "replace").replace("\x00", "\\u0000")
-
-
-class _FastRecord(msgspec.Struct, gc=False):
-    """A record as decode_payload's fast path reads it: strict types, times parsed by msgspec.
-
-    Strict, because msgspec's lenient mode would also take numbers as times; the unions take
-    what the lenient per-record path takes, and `_fast_rows` settles them the same way.
-    """
-
-    customer_id: int | str
-    email: str | None = None
-    code: str | int | None = None
-    creation_time: datetime | None = None
-    last_update_time: datetime | None = None
-    deletion_time: datetime | None = None
-    active_yn: bool | int | str | None = None
-    blocked_yn: bool | int | str | None = None
-
-
-def _bulk_type() -> type[msgspec.Struct]:
-    """The envelope with its records decoded in one pass (the common case: all of them valid)."""
-    hints = get_type_hints(schema.Envelope, include_extras=True)
-    fields = [
-        (name, list[_FastRecord] if name == "customers" else hints[name])
-        for name in schema.Envelope.__struct_fields__
-    ]
-    return msgspec.defstruct("BulkEnvelope", fields)
-
-
-_bulk_decoder = msgspec.json.Decoder(_bulk_type())
-
-
-class _Slow(Exception):
-    """The fast path cannot decide a record: the payload goes record by record."""
-
-
-def _lenient(value: Any, kind: type[Any]) -> Any:
-    # The few values the strict decoder left as they came ("42", "1", 0): converted by msgspec
-    # with the per-record decoder's rules, so both paths accept the same.
-    try:
-        return msgspec.convert(value, kind, strict=False)
-    except msgspec.ValidationError:
-        raise _Slow from None
-
-
-def _fast_rows(project: str, event: str, records: list[_FastRecord], clean: bool) -> list[Row]:
-    # The checks of _row, made cheaper where the fast path allows (this loop runs for every
-    # record): `clean` says no text in the payload can hold a NUL (decode_payload), and no text
-    # here holds a lone surrogate (msgspec refuses its escape anywhere in a body).
-    field = schema.TIME_FIELD[event]
-    rank = RANK[event]
-    rows = []
-    for record in records:
-        customer_id, active, blocked = record.customer_id, record.active_yn, record.blocked_yn
-        if type(customer_id) is not int:
-            customer_id = _lenient(customer_id, int)
-        if active is not None and type(active) is not bool:
-            active = _lenient(active, bool)
-        if blocked is not None and type(blocked) is not bool:
-            blocked = _lenient(blocked, bool)
-        at = getattr(record, field)
-        if at is None:
-            raise _Slow
-        try:
-            at = micros(at)
-        except (ValueError, OverflowError):
-            raise _Slow from None
-        email, code = record.email, record.code
-        if isinstance(code, int):
-            code = str(code)
-        if not BIGINT_MIN <= customer_id <= BIGINT_MAX:
-            raise _Slow
-        if not clean and (not _storable(email) or not _storable(code)):
-            raise _Slow
-        rows.append(_build(project, rank, customer_id, email, code, at, active, blocked))
-    return rows
 
 
 def decode_payload(event: str, body: bytes) -> tuple[str, list[Row], list[Rejected]]:
@@ -350,19 +281,22 @@ def decode_payload(event: str, body: bytes) -> tuple[str, list[Row], list[Reject
     Raises msgspec.DecodeError/ValidationError when the body is not an envelope at all: such a
     message did not come through the receiver, and is dead-lettered as a whole.
 
-    The whole body is decoded in one pass first; only when that fails, or a record is
-    unusable, is it decoded record by record, so that a rejected record is kept as it was sent.
+    The whole body is decoded in one pass first (schema.bulk_decoder); only when that fails, or
+    a record is unusable, is it decoded record by record, so that a rejected record is kept as
+    it was sent. Both ways go through the same checks (to_row).
     """
+    field, rank = schema.TIME_FIELD[event], RANK[event]
     try:
-        bulk: Any = _bulk_decoder.decode(body)
+        bulk = schema.bulk_decoder.decode(body)
         # Decoded JSON text holds a NUL only where the body has the escape \u0000 (a raw NUL is
-        # malformed JSON); without one, no record's text needs looking at. A body without any
-        # backslash is settled by memchr: the search for the whole escape costs a quarter of
-        # the decoding (0.87 against 0.03 ms per full payload).
-        clean = b"\\" not in body or b"\\u0000" not in body
-        return bulk.project_name, _fast_rows(bulk.project_name, event, bulk.customers, clean), []
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, _Slow):
-        pass
+        # malformed JSON), and msgspec refuses a lone surrogate's escape anywhere in a body: then
+        # no record's text needs looking at. A body without any backslash is settled by memchr,
+        # far cheaper than searching for the whole escape.
+        nul_free = b"\\" not in body or b"\\u0000" not in body
+        project = bulk.project_name
+        return project, [to_row(project, field, rank, r, nul_free) for r in bulk.customers], []
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, Unusable):
+        pass  # some record does not decode or cannot be used: each is decided on its own
     envelope = schema.envelope_decoder.decode(body)
     rows: list[Row] = []
     rejected: list[Rejected] = []
@@ -382,8 +316,8 @@ def fold(rows: list[Row]) -> list[Row]:
     caller's rows never change.
     """
     # Keyed by shop, then by customer id: a batch's rows come a payload (one shop) at a time,
-    # so the shop's dict is looked up once per run of rows, and an int key hashes and sorts in
-    # less than half the time of a (name, id) tuple, which also kept the garbage collector busy.
+    # so the shop's dict is looked up once per run of rows, and an int key hashes and sorts
+    # faster than a (name, id) tuple, and leaves no tuple for the garbage collector to track.
     shops: dict[str, dict[int, Row]] = {}
     name: str | None = None
     folded: dict[int, Row] = {}

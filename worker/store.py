@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from msgspec.structs import astuple
 
-from worker.fold import Rejected, Row, micros
+from worker.fold import Rejected, Row
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,10 @@ def _rules(new: str) -> tuple[str, str, str]:
 
 
 # The worker's connections exchange a timestamptz as the int8 Postgres stores: microseconds
-# since 2000-01-01 UTC, which is how fold.Row holds every time. asyncpg then encodes a time in C,
-# as any int8, for a fraction of what a datetime costs (with a Python codec taking ints, the COPY
-# of a batch of new customers cost the worker half as much again). Both ways: a time given to
-# such a connection must be an int, and one read from it is an int (fold.as_datetime makes it a
-# datetime).
+# since 2000-01-01 UTC, the one form every time takes from decode to write (worker/fold.py).
+# asyncpg then encodes a time in C, as any int8, far more cheaply than a datetime or a Python
+# codec. Both ways: a time given to such a connection must be an int, and one read from it is an
+# int (fold.as_datetime makes it a datetime).
 
 
 async def times_as_micros(conn: asyncpg.Connection) -> None:
@@ -66,9 +64,9 @@ def open_pool(dsn: str, **options: Any) -> asyncpg.Pool:
 
 
 # Any other batch is COPY'd into this session-local table, then applied from it in one
-# statement. Binary COPY costs the worker half the CPU of binding 15 arrays (asyncpg checks every
-# array element), and the server less too. The table lives as long as the connection; its rows
-# go at COMMIT or ROLLBACK, so a retried batch starts empty.
+# statement. Binary COPY costs the worker and the server less than binding 15 arrays (asyncpg
+# checks every array element). The table lives as long as the connection; its rows go at
+# COMMIT or ROLLBACK, so a retried batch starts empty.
 BATCH_TABLE = "customer_batch"
 BATCH_COLUMNS = Row.__struct_fields__  # a Row's fields are the columns, in this order
 CREATE_BATCH_TABLE = f"""
@@ -121,9 +119,8 @@ GROUP BY b.version_rank
 # A batch of one event (a shop's bulk update, say) is applied by MERGE instead, the same rules
 # as the upsert's in WHEN clauses: each row's comparisons are made once, where the upsert's
 # SET repeats them for every column, and a row found is updated without a separate probe for
-# the conflict and lock. Postgres' CPU for a batch of updates a quarter less (0.69-0.72 against
-# 0.91-0.92 s per 200,000, three alternating pairs). MERGE cannot settle a new key that another
-# transaction inserts meanwhile (a unique violation): the upsert then does.
+# the conflict and lock, which costs Postgres less CPU. MERGE cannot settle a new key that
+# another transaction inserts meanwhile (a unique violation): the upsert then does.
 _B_NEWER, _B_STATUS_NEWER, _B_TIMES_NEWER = _rules("b")
 _DATA = """email = b.email, code = b.code, deleted_at = b.deleted_at,
         version_at = b.version_at, version_rank = b.version_rank, version_fp = b.version_fp"""
@@ -151,12 +148,11 @@ WHEN NOT MATCHED THEN INSERT ({_COLUMNS})
 # to. When each shop's ids in the batch are a run of neighbouring ids (a bulk update, an
 # import's creates sent again), one MERGE per shop walks the primary key from the run's first
 # id to its last instead (a merge join against an index range scan, still in key order): the
-# leaf pages are read once, where each lookup descends from the root. Postgres' CPU for a whole
-# burst 2.69 s against 2.90 at the median of 18 bursts each (`bench.run --only burst-16
-# burst-64`, nine alternating pairs). The range is only the run's: it holds at most RUN_DENSITY
-# times as many ids as the batch has rows there, so a sparse batch, whose range would hold
-# many rows it does not touch, is looked up row by row. Every row of the shop lies within its
-# range, so the range never makes MERGE take a customer it has for a new one.
+# leaf pages are read once, where each lookup descends from the root. The range is only the
+# run's: it holds at most RUN_DENSITY times as many ids as the batch has rows there, so a sparse
+# batch, whose range would hold many rows it does not touch, is looked up row by row. Every row
+# of the shop lies within its range, so the range never makes MERGE take a customer it has for a
+# new one.
 MERGE = _merge(f"pg_temp.{BATCH_TABLE}", "")
 LOOKUP_PER_ROW = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
 MERGE_RUN = _merge(
@@ -186,7 +182,7 @@ class RejectedFrom:
     """A rejected record with the message it came in."""
 
     project_name: str
-    received_at: datetime
+    received_at: int  # microseconds since fold.EPOCH, as every time on the path
     request_id: str
     rejected: Rejected
 
@@ -260,7 +256,7 @@ async def write_batch(
                 [r.rejected.event for r in rejected],
                 [r.rejected.reason for r in rejected],
                 [r.rejected.record for r in rejected],
-                [micros(r.received_at) for r in rejected],
+                [r.received_at for r in rejected],
                 [r.request_id for r in rejected],
                 [r.rejected.position for r in rejected],
             )
@@ -271,10 +267,10 @@ async def _copy_if_all_new(conn: asyncpg.Connection, rows: list[Row]) -> bool:
     """COPY the rows straight into the table; False, having written nothing, when a key exists.
 
     A batch of creates is usually all new customers (a shop's import), and COPY into the table
-    costs Postgres a third less than going through the batch table and INSERT, which in turn
-    costs a third less than the upsert's speculative insertion (`python -m bench.run`). When a
-    key exists (a create sent again, or another worker was first), the savepoint undoes the
-    COPY only, and the caller's MERGE or upsert decides by event time as always.
+    costs Postgres less than going through the batch table and INSERT, which in turn costs less
+    than the upsert's speculative insertion. When a key exists (a create sent again, or another
+    worker was first), the savepoint undoes the COPY only, and the caller's MERGE or upsert
+    decides by event time as always.
     """
     try:
         async with conn.transaction():  # a savepoint
