@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Any, cast
+from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from common.amqp_internals import publish_without_drain, wait_unblocked
 from common.backoff import backoff
 from common.brokers import Nodes
 from common.message import COMPRESS_FROM_BYTES, Webhook, pack
@@ -85,12 +86,11 @@ class Publisher:
     async def can_publish(self) -> bool:
         """Connected, and the broker is not blocking publishers (a memory or disk alarm)."""
         connection = self._connection
-        if not self.ready or connection is None or connection.transport is None:
+        if not self.ready or connection is None:
             return False
         try:
-            # aiormq's ready() waits until the connection is open and not blocked.
-            await asyncio.wait_for(connection.transport.connection.ready(), 0.05)
-        except TimeoutError:
+            await asyncio.wait_for(wait_unblocked(connection), 0.05)
+        except (TimeoutError, ConnectionError):
             return False
         return True
 
@@ -209,22 +209,9 @@ class Publisher:
         broker has not answered stays counted.
         """
         await self._window.acquire()
-        try:
-            # aio-pika's underlay is aiormq's channel, whose basic_publish takes `wait` (since
-            # aiormq 6, which aio-pika 9 requires); aiormq's abstract channel does not name it.
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-        except BaseException:
-            self._window.release()
-            raise
+        # No waiting for the bytes to be written out: the window bounds them.
         confirm = asyncio.create_task(
-            underlay.basic_publish(
-                message.body,
-                exchange=exchange.name,
-                routing_key=routing_key,
-                properties=message.properties,
-                mandatory=True,
-                wait=False,  # no waiting for the bytes to be written out: the window bounds them
-            )
+            publish_without_drain(channel, exchange.name, message, routing_key)
         )
         self._unconfirmed.add(confirm)
         confirm.add_done_callback(self._confirmed)
