@@ -75,6 +75,7 @@ class Publisher:
         self._waiting: deque[tuple[Webhook, asyncio.Future[None]]] = deque()
         self._flush_scheduled = False
         self._bundles: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Future[Any]] = set()
         self._window = asyncio.Semaphore(PUBLISH_WINDOW)
         self._unconfirmed: set[asyncio.Task[Any]] = set()
 
@@ -191,9 +192,22 @@ class Publisher:
         except aiormq.exceptions.PublishError:
             raise NotStored("the broker could not route the message") from None
         except aiormq.exceptions.DeliveryError:
+            if not (self._settings.queue_max_length or self._settings.queue_max_bytes):
+                # No limit that could refuse it: the channel lost the queue (its leader moved
+                # to another node of a cluster). A new channel, maybe on another node, finds it.
+                self._reopen(channel)
             raise NotStored("the broker refused the message (queue full?)") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise NotStored(f"lost the broker: {type(exc).__name__}") from None
+
+    def _reopen(self, channel: AbstractChannel) -> None:
+        """Close the channel; the connection loop then connects again (to the next node)."""
+        if channel is self._channel and not channel.is_closed:
+            log.warning("the broker refused a message with no queue limit set; reconnecting")
+            self._channel = self._exchange = None  # publishes get a fast 503 meanwhile
+            task: asyncio.Future[Any] = asyncio.ensure_future(channel.close())
+            self._closing.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._closing.discard)
 
     async def _publish(
         self,
