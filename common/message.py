@@ -30,7 +30,7 @@ ZSTD = "zstd"
 # Bodies from this size up are compressed. Below it the broker's cost is per message, not per
 # byte, and compressing would only cost the receiver.
 COMPRESS_FROM_BYTES = 64 * 1024
-# Level 1: about 1 ms for a 1.3 MB payload on one core. Higher levels shrink little more.
+# Level 1: fast enough for the receiver's hot path; higher levels shrink little more.
 ZSTD_LEVEL = 1
 # A decompressed message holds no more than the receiver could have put in it. One webhook: its
 # body, at most MAX_BODY_BYTES. A bundle (receiver/publisher.py): bodies each smaller than

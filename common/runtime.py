@@ -35,8 +35,7 @@ def keep_freed_memory() -> None:
 
     Every webhook body, decompressed message and decoded batch is a buffer of a megabyte or
     more. By default glibc maps each one afresh and unmaps it when freed, so every request pays
-    page faults for memory it just had: with these two settings, reading a 1.3 MB body costs the
-    receiver a fifth of the CPU (`python -m bench.run`). The memory stays bounded by what one
+    page faults for memory it just had. The memory stays bounded by what one
     batch or the requests in flight need at once. A no-op where the C library is not glibc.
     """
     try:
@@ -51,11 +50,9 @@ def warm_heap(size: int = WARM_HEAP_BYTES) -> None:
     """Fault in `size` bytes of heap now, and keep them for reuse (after keep_freed_memory).
 
     A new process's heap grows a page at a time as the bodies of its first burst arrive, and
-    each new page is a page fault: about 2 us on these machines, and 15,000-22,000 of them in
-    a receiver process during a burst of 64 full payloads in flight (2,000-6,000 with this),
-    while the burst waits for its answers. Faulted in at start, the first burst after a restart
-    finds the memory every later one reuses. The process holds it from the start rather than
-    from its first burst on (its peak RSS in that burst is higher still, 104-120 MB). Where the
+    each new page is a page fault while the burst waits for its answers. Faulted in at start,
+    the first burst after a restart finds the memory every later one reuses. The process holds
+    it from the start rather than from its first burst on. Where the
     C library is not glibc the memory is freed again: no harm done.
     """
     blocks = [b"\x01" * _WARM_BLOCK for _ in range(size // _WARM_BLOCK)]  # written: faulted in

@@ -59,9 +59,8 @@ class Settings:
     # Worker
     # Messages a worker holds unacked. A full payload is half a batch, so 16 is eight batches
     # in hand; more only hoards: once the queue is empty, what each worker holds is what it
-    # alone can do, and at 64 one worker still had 0.46-0.64 s of a burst left when the other
-    # ran dry (0.06-0.08 s at 16; bench/README.md, Findings). Small webhooks come many to a
-    # message, so 16 still fills a batch of them.
+    # alone can do, while the others run dry. Small webhooks come many to a message, so 16
+    # still fills a batch of them.
     prefetch: int = 16
     batch_max_records: int = 10_000
     batch_max_wait: float = 0.05

@@ -72,20 +72,15 @@ class Turns:
     """One turn every other event-loop iteration, in the order asked: for the receiver's heavy
     steps.
 
-    Checking and compressing a full payload holds the loop 2-5 ms. When a burst brings dozens of
-    bodies at once, each ready one used to run in the same iteration: iterations of 20-80 ms,
-    while the broker's confirms, the answers and the next bodies' bytes waited, and each new
-    request took CPU from the ones that came before it. Taken in turns, a burst's bodies are
-    dealt with in the order they arrived, and the loop polls for I/O between any two. A burst of
-    16 in flight: p99 73-137 ms (median 85) against 82-228 (median 112), seven alternating pairs
-    of `python -m bench.run --only burst-16 burst-64`.
+    Checking and compressing a full payload holds the loop for milliseconds. When a burst brings
+    dozens of bodies at once, each ready one would run in the same iteration, while the broker's
+    confirms, the answers and the next bodies' bytes waited, and each new request took CPU from
+    the ones that came before it. Taken in turns, a burst's bodies are dealt with in the order
+    they arrived, and the loop polls for I/O between any two.
 
     Between two turns, one iteration goes without: a request's way from its publish to its
     answer takes several iterations (its frames written, the confirm read, the tasks it wakes),
-    and each of them used to wait out a turn as well. Burst-64's p99 243-761 ms (median 325)
-    against 311-552 (median 422), burst-16's 84-167 (median 116) against 56-201 (median 145),
-    ten alternating pairs of the same command; the bursts' ratio to the floor unchanged (medians
-    0.51 and 0.48 both ways): an iteration without a turn holds only the light callbacks.
+    and each of them would otherwise wait out a turn as well.
     """
 
     def __init__(self) -> None:
@@ -351,7 +346,7 @@ async def _read_and_publish(
     if records == 0:
         return web.json_response({"accepted": 0}), project, 0
 
-    request_id = os.urandom(16).hex()  # as random as uuid4().hex, for a third of the CPU
+    request_id = os.urandom(16).hex()  # as random as uuid4().hex, and cheaper
     webhook = Webhook(event, project, records, int(time.time() * 1000), request_id, body)
     metrics = request.app[METRICS]
     publish_started = time.perf_counter()
@@ -375,8 +370,8 @@ async def _read_and_publish(
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body, copied once: `request.read()` grows a bytearray and copies it again, which is
-    a third of the receiver's memory traffic on a 1.3 MB payload (`python -m bench.run`).
+    """The body, copied once: `request.read()` grows a bytearray and copies it again, a large
+    share of the receiver's memory traffic on a full payload.
 
     Not `iter_chunks()`, which would spare `iter_any()`'s join of the pieces that came in since
     the last read: aiohttp gives every request without a body one shared stream, which reports

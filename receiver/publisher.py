@@ -38,20 +38,15 @@ log = logging.getLogger(__name__)
 
 # Bodies from this size up go alone (and compressed): bundling them saves the broker nothing.
 BUNDLE_BELOW_BYTES = COMPRESS_FROM_BYTES
-# Bundles published and not yet confirmed. One: the next gathers while it is stored. Two cost
-# RabbitMQ a third more CPU for twice the (smaller) bundles, and answered no faster: everyday
-# traffic 1,800 vs 1,890-1,960 webhooks/s, p99 79-87 vs 66-78 ms (`python -m bench.run`); with
-# the publish window, 2,320-3,312 vs 2,452-3,059 (three alternating pairs, `--only everyday-64`).
+# Bundles published and not yet confirmed. One: the next gathers while it is stored; two only
+# made twice as many smaller bundles, costing RabbitMQ more CPU and answering no faster.
 BUNDLES_IN_FLIGHT = 1
 # Limits of one bundle: a few hundred small webhooks is already one message instead of hundreds.
 BUNDLE_MAX_WEBHOOKS = 256
 BUNDLE_MAX_BYTES = 1024 * 1024
 # Messages written to the broker and not yet confirmed, at most. A publish is not held until its
-# bytes are on the wire, as aio-pika's would be: its channel stays locked meanwhile, three loop
-# iterations per message, and in a burst of 64 in flight the wait for the confirm grew from 40
-# to 200 ms along that queue (15-30 ms without it). Burst-64's p99 242-548 ms (median 290)
-# against 266-473 (median 346), burst-16's 80-100 (median 95) against 99-124 (median 112), five
-# alternating pairs of `python -m bench.run --only burst-16 burst-64`. The window bounds what
+# bytes are on the wire, as aio-pika's would be: its channel would stay locked meanwhile, and in
+# a burst every confirm would wait behind the writes queued before it. The window bounds what
 # waits in memory while the broker blocks publishers instead: a publish beyond it waits for a
 # place, and gives up at PUBLISH_TIMEOUT.
 PUBLISH_WINDOW = 64
@@ -180,9 +175,8 @@ class Publisher:
         exchange, channel = self._exchange, self._channel
         if exchange is None or channel is None or channel.is_closed:
             raise NotStored("not connected to the broker")
-        # Compressed right here, not in a thread: zstd takes ~2 ms for a 1.3 MB payload, and a
-        # thread's result waits for the GIL behind the loop's work, which under a burst of
-        # large payloads cost more CPU and tens of ms per request (`python -m bench.run`).
+        # Compressed right here, not in a thread: zstd is quick on a full payload, and a
+        # thread's result would wait for the GIL behind the loop's work under a burst.
         message = pack(webhooks)
         routing_key = ROUTING_KEYS[webhooks[0].event] if len(webhooks) == 1 else BUNDLE_ROUTING_KEY
         try:
