@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from common import schema
 from common.brokers import Nodes
-from common.message import BUNDLE
+from common.message import BUNDLE, copy_of
 from common.settings import Settings
 from common.topology import (
     BUNDLE_ROUTING_KEY,
@@ -161,15 +161,7 @@ class DeadLetterQueue:
             k: v for k, v in (letter.message.headers or {}).items() if k not in _DEATH_HEADERS
         }
         await self._exchange.publish(
-            aio_pika.Message(
-                letter.message.body,
-                headers=headers,
-                content_type=letter.message.content_type,
-                content_encoding=letter.message.content_encoding,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=letter.message.message_id,
-                timestamp=letter.message.timestamp,
-            ),
+            copy_of(letter.message, headers),
             routing_key=letter.routing_key,
             mandatory=True,
         )
@@ -186,15 +178,7 @@ class DeadLetterQueue:
             message = letter.message
             headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
             await self._channel.default_exchange.publish(
-                aio_pika.Message(
-                    message.body,
-                    headers=headers,
-                    content_type=message.content_type,
-                    content_encoding=message.content_encoding,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=message.message_id,
-                    timestamp=message.timestamp,
-                ),
+                copy_of(message, headers),
                 routing_key=self._queue.name,
                 mandatory=True,
             )

@@ -171,3 +171,16 @@ def alone(webhook: Webhook, **headers: str) -> aio_pika.Message:
         message_id=webhook.request_id,
         timestamp=webhook.received_at / 1000,
     )
+
+
+def copy_of(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+    """A delivery as a new persistent message: the same body and identity, these headers."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+    )

@@ -14,10 +14,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from common import schema
 from common.deadletters import H_DEAD_LETTERED_AT
-from common.message import BUNDLE, Webhook, alone
+from common.message import BUNDLE, Webhook, alone, copy_of
 from common.topology import ROUTING_KEYS, Topology
 from worker.metrics import WorkerMetrics
-from worker.publishing import PublishTimedOut, copy_of, publish
+from worker.publishing import PublishTimedOut, publish
 
 log = logging.getLogger(__name__)
 

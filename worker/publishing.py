@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, HeadersType
+from aio_pika.abc import AbstractExchange
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,3 @@ async def publish(
             PUBLISH_DEADLINE,
         )
         raise PublishTimedOut from None
-
-
-def copy_of(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
-    """A delivery as a new persistent message: the same body and identity, these headers."""
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-    )

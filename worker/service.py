@@ -24,13 +24,13 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from common import schema
 from common.backoff import backoff
 from common.brokers import Nodes
-from common.message import BUNDLE, unpack
+from common.message import BUNDLE, copy_of, unpack
 from common.settings import Settings
 from common.topology import Topology, declare_topology, until_closed
 from worker.deadletter import split
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Committed, Pipeline
-from worker.publishing import PUBLISH_DEADLINE, PublishTimedOut, copy_of, publish
+from worker.publishing import PUBLISH_DEADLINE, PublishTimedOut, publish
 from worker.retention import keep_retention
 from worker.store import ensure_database, migrate, open_pool
 
