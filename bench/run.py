@@ -43,6 +43,7 @@ from bench.client import Connection, Sample, timed_post
 from bench.data import EverydaySender, Payload, burst_payloads
 from bench.floor import Floor, checkpoint, measure_floor
 from bench.grown import grow
+from common.brokers import Nodes
 from worker.store import migrate
 
 TOKEN = "bench-token-not-secret"
@@ -139,8 +140,9 @@ async def _rabbitmqctl(*args: str) -> str:
 
 
 def _with_vhost(url: str, vhost: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + vhost.replace("/", "%2F")))
+    """The URL (each node's, for a cluster's comma-separated list) with this vhost."""
+    path = "/" + vhost.replace("/", "%2F")
+    return ",".join(urlunsplit(urlsplit(u.strip())._replace(path=path)) for u in url.split(","))
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -201,7 +203,7 @@ async def reset(ctx: Context) -> None:
         await checkpoint(conn)
     finally:
         await conn.close()
-    connection = await aio_pika.connect(ctx.amqp_url)
+    connection = await Nodes(ctx.amqp_url).connect()
     try:
         channel = await connection.channel()
         with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
@@ -521,7 +523,7 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> dict[str, Any]:
 
 async def rabbitmq_version(url: str) -> str:
     """The broker's version, as it announces itself."""
-    connection = await aio_pika.connect(url)
+    connection = await Nodes(url).connect()
     try:
         assert connection.transport is not None
         properties = connection.transport.connection.server_properties

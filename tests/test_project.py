@@ -78,6 +78,17 @@ def test_the_cluster_profile_is_valid_and_runs_the_tested_commands() -> None:
     assert checked.returncode == 0, checked.stderr
 
 
+@pytest.mark.parametrize(
+    "variable",
+    ["RETENTION_INTERVAL", "RETRY_MAX_BACKOFF", "MAX_IN_FLIGHT", "BODY_READ_TIMEOUT",
+     "HEADER_READ_TIMEOUT", "KEEPALIVE_TIMEOUT", "MAX_BODY_BYTES_IN_FLIGHT", "WORKER_PROCESSES"],
+)  # fmt: skip
+def test_a_zero_that_would_break_the_service_is_refused_at_start(variable: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings({variable: "0"})
+    assert str(refused.value) == f"{variable} must be above 0"
+
+
 def test_defaults_are_the_documented_ones() -> None:
     settings = load_settings({})
     assert settings == Settings()
