@@ -22,6 +22,7 @@ SCENARIOS = {
     "naive-burst-64",
     "scale-1-worker",
     "scale-4-workers",
+    "grown-16",
     "everyday-64",
     "naive-everyday-64",
 }
