@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.settings import Settings
 from receiver.app import create_app
@@ -265,3 +266,19 @@ async def connect_migrated(settings: Settings) -> asyncpg.Connection | None:
 async def count_at_least(db: asyncpg.Connection, n: int) -> bool:
     """Whether the customers table has at least n rows."""
     return bool(await db.fetchval("SELECT count(*) FROM customers") >= n)
+
+
+async def scraped(url: str, metric: str) -> float:
+    """The sum of a metric's samples on `url`/metrics, read on a new connection each time, as a
+    scraper reads it (with several processes on one port, each may reach another)."""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh,
+        fresh.get(f"{url}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric
+    )

@@ -35,7 +35,7 @@ from common.topology import EXCHANGE, QUEUE
 from receiver.app import Turns
 from receiver.publisher import PUBLISH_WINDOW
 from receiver.server import running
-from tests.conftest import ROOT, TOKEN, env_for, free_port, post, serve, wait_until
+from tests.conftest import ROOT, TOKEN, env_for, free_port, post, scraped, serve, wait_until
 
 CANARY = "canary-7f3a@example.cz"  # customer data that must never come back in a response
 SHOP = "obchod-u-jany"
@@ -1117,18 +1117,7 @@ def _state(pid: int) -> str:
 
 
 async def _requests_total(url: str) -> float:
-    # A fresh connection each time, as a scraper's.
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh,
-        fresh.get(f"{url}/metrics") as response,
-    ):
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "upgates_receiver_requests_total"
-    )
+    return await scraped(url, "upgates_receiver_requests_total")
 
 
 async def test_several_processes_serve_one_port_and_count_as_one(

@@ -25,14 +25,13 @@ import aiormq
 import asyncpg
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from common import schema
 from common.deadletters import H_DEAD_LETTERED_AT
 from common.message import Webhook, pack
 from common.settings import Settings, SettingsError, load_settings
 from common.topology import DEAD_EXCHANGE, EXCHANGE, QUEUE, ROUTING_KEYS, declare_topology
-from tests.conftest import ROOT, env_for, free_port, wait_until
+from tests.conftest import ROOT, env_for, free_port, scraped, wait_until
 from worker import service
 from worker.retention import apply_retention
 from worker.service import Worker
@@ -262,18 +261,7 @@ async def _consumers_at_least(amqp_url: str, n: int) -> bool:
 
 
 async def _consuming_gauge(url: str) -> float:
-    # A fresh connection each time: each may reach another of the processes.
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh,
-        fresh.get(f"{url}/metrics") as response,
-    ):
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "upgates_worker_consuming"
-    )
+    return await scraped(url, "upgates_worker_consuming")
 
 
 async def test_worker_processes_consume_side_by_side_and_stop_on_sigterm(
