@@ -28,18 +28,23 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     assert documented <= set(ENV_VARS)
 
 
-def test_compose_file_is_valid_and_runs_the_tested_commands() -> None:
+def compose_config(*options: str) -> str:
+    """`docker-compose config` of the project's compose file, as Docker would read it."""
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose is not installed (.ci/run installs it)")
     result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), *options, "config"],
         env={**os.environ, "WEBHOOK_TOKEN": "check"},
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    config = result.stdout
+    return result.stdout
+
+
+def test_compose_file_is_valid_and_runs_the_tested_commands() -> None:
+    config = compose_config()
     assert "- python\n    - -m\n    - receiver" in config
     assert "- python\n    - -m\n    - worker" in config
     assert "- python\n    - -m\n    - admin\n    - sync\n    - --all\n    - --every" in config
@@ -47,25 +52,9 @@ def test_compose_file_is_valid_and_runs_the_tested_commands() -> None:
 
 
 def test_the_cluster_profile_is_valid_and_runs_the_tested_commands() -> None:
-    for tool in ("docker-compose", "haproxy"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
-    result = subprocess.run(
-        [
-            "docker-compose",
-            "-f",
-            str(ROOT / "docker-compose.yml"),
-            "--profile",
-            "cluster",
-            "config",
-        ],
-        env={**os.environ, "WEBHOOK_TOKEN": "check"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    config = result.stdout
+    if shutil.which("haproxy") is None:
+        pytest.fail("haproxy is not installed (.ci/run installs it)")
+    config = compose_config("--profile", "cluster")
     for node in ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3"):
         assert f"hostname: {node}" in config
         assert f"@{node}:5672/" in config  # every node in the services' AMQP_URL
