@@ -1,36 +1,26 @@
-"""Start, watch and stop the processes under test: receivers, workers, the naive receiver."""
+"""Start, watch and stop the processes under test: receivers, workers, the naive receiver.
+
+They are started and stopped by the tests' spawner (tests/support/processes.py); what is measured
+of them (CPU seconds, peak memory, the servers' share) is the benchmark's own, here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import processes
+
+ROOT = processes.ROOT  # the checkout: the processes run from it
+free_port = processes.free_port  # the ports bench.run gives the processes
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now, and not handed out before in this run."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -42,19 +32,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def family(pid: int) -> list[int]:
-    """The process and its descendants (RECEIVER_PROCESSES > 1: a supervisor and receivers)."""
-    found = [pid]
-    for parent in found:
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{parent}/task").iterdir():
-                found.extend(int(child) for child in (task / "children").read_text().split())
-    return found
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its descendants (those still running)."""
-    return sum(cpu_seconds(member) for member in family(pid))
+    return sum(cpu_seconds(member) for member in processes.family(pid))
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -154,15 +134,8 @@ class Fleet:
         """Start `python -m module` with the fleet's environment plus `extra`; `listeners` of its
         processes will listen on health_port."""
         index = sum(1 for s in self.services if s.role == role)
-        log = (self.log_dir / f"{role}-{index}.log").open("ab")
-        proc = subprocess.Popen(
-            ["nice", "-n", str(nice), sys.executable, "-m", module],
-            env={**self.env, **extra},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        log.close()
+        log = self.log_dir / f"{role}-{index}.log"
+        proc = processes.spawn(module, env={**self.env, **extra}, log=log, nice=nice)
         service = Service(role, proc, health_port, listeners)
         self.services.append(service)
         return service
@@ -194,7 +167,10 @@ class Fleet:
 
         for service in self.services:
             while (
-                sum(listening(pid, service.health_port) for pid in family(service.pid))
+                sum(
+                    processes.listening(pid, service.health_port)
+                    for pid in processes.family(service.pid)
+                )
                 < service.listeners
             ):
                 check_alive()
@@ -229,17 +205,7 @@ class Fleet:
 
     async def stop(self, grace: float = 15.0) -> None:
         """SIGTERM everything (workers finish their batch), then SIGKILL what is left."""
-        for service in self.services:
-            if service.proc.poll() is None:
-                service.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for service in self.services:
-            remaining = max(0.0, deadline - time.monotonic())
-            try:
-                await asyncio.to_thread(service.proc.wait, remaining)
-            except subprocess.TimeoutExpired:
-                service.proc.kill()
-                await asyncio.to_thread(service.proc.wait)
+        await processes.stop(*(service.proc for service in self.services), grace=grace)
         self.services.clear()
 
 
@@ -261,22 +227,6 @@ async def worker_records(http: aiohttp.ClientSession, ports: list[int]) -> int |
                 total += float(line.rsplit(" ", 1)[1])
                 found = True
     return int(total) if found else None
-
-
-def listening(pid: int, port: int) -> bool:
-    """Whether the process holds a socket listening on 127.0.0.1:port (several receivers may)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                parts = line.split()
-                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(parts[9])
-    try:
-        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-    except OSError:
-        return False
-    return any(link[8:-1] in inodes for link in links if link.startswith("socket:["))
 
 
 async def receiver_means(http: aiohttp.ClientSession, port: int) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """What the services need from aiormq, the AMQP client under aio-pika, that aio-pika does not offer.
 
 Each is one function named for what it does, reaching below aio-pika's public interface in one
-place; tests/test_amqp_internals.py fails loudly when an upgrade changes what they rely on.
+place; tests/integration/test_amqp_internals.py fails loudly when an upgrade changes what they
+rely on.
 """
 
 from __future__ import annotations

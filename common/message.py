@@ -36,7 +36,7 @@ ZSTD_LEVEL = 1
 # body, at most MAX_BODY_BYTES. A bundle (receiver/publisher.py): bodies each smaller than
 # COMPRESS_FROM_BYTES, added while their total is under a MiB, each framed by its shop name
 # (which its body holds too), ids and msgpack headers; well under this bound, which
-# tests/test_admin_hardening.py checks against the publisher's limits.
+# tests/integration/test_admin_hardening.py checks against the publisher's limits.
 BUNDLE_MAX_UNPACKED_BYTES = 4 * 1024 * 1024
 
 

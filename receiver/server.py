@@ -45,7 +45,8 @@ class Connection(web.RequestHandler):
 
     aiohttp offers no public way to plug in either. RequestHandler is exported; this overrides
     only the asyncio protocol methods and handle_error, which aiohttp calls for a request it
-    cannot parse or whose handler raised. tests/test_receiver_hardening.py fails if that changes.
+    cannot parse or whose handler raised. tests/integration/test_receiver_hardening.py fails if
+    that changes.
     """
 
     __slots__ = ("__deadline", "__head_timeout", "__tail")

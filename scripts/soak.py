@@ -1,22 +1,23 @@
-#!/usr/bin/env python3
 """Soak: the whole pipeline under a steady Upgates-like load while faults are injected in a loop.
 
-    python scripts/soak.py                       # 5 minutes, 3 workers, every fault
-    python scripts/soak.py --minutes 30 --workers 4 --faults kill,pg-restart,broker-blackhole
-    python scripts/soak.py --quick               # ~30 s, three faults (tests/test_soak_smoke.py)
+    python -m scripts.soak                       # 5 minutes, 3 workers, every fault
+    python -m scripts.soak --minutes 30 --workers 4 --faults kill,pg-restart,broker-blackhole
+    python -m scripts.soak --quick               # ~30 s, three faults (test_soak_smoke.py)
 
 Run it from the checkout, in the project's virtual environment (`pip install -e '.[test]'`): it
-uses the fault tests' private servers and proxy (tests/servers.py, tests/proxy.py). It starts a
-PRIVATE RabbitMQ node and a PRIVATE Postgres cluster (temporary directories, free ports on
-127.0.0.1; the shared local servers are never touched), a receiver and N workers as processes
-(`python -m receiver` / `python -m worker`), and TCP proxies between the services and the servers.
+uses the tests' support package (tests/support: the private servers, the proxy, the spawner, the
+load's records, the oracle of the fold). It starts a PRIVATE RabbitMQ node and a PRIVATE Postgres
+cluster (temporary directories, free ports on 127.0.0.1; the shared local servers are never
+touched), a receiver and N workers as processes (`python -m receiver` / `python -m worker`), and
+TCP proxies between the services and the servers.
 
 A sender behaves like Upgates: creates, updates and deletes of a bounded set of customers in a few
 shops, 1..N records per payload, several payloads at once, every payload retried until it is
 answered 200 (Upgates waits 1 s and retries anything else). The oracle is the fold, by event time,
-of every record answered 200, computed here independently of the worker's code. The bounded
-customers' rows show only their newest events, so each payload also carries one "tracer" record: a
-customer of its own, seen once, whose row proves that the payload was applied (--no-tracers: none).
+of every record answered 200, computed independently of the worker's code (tests/support/oracle.py).
+The bounded customers' rows show only their newest events, so each payload also carries one
+"tracer" record: a customer of its own, seen once, whose row proves that the payload was applied
+(--no-tracers: none).
 
 Faults (each logged with a timestamp), one after the other with the load running throughout:
 
@@ -58,7 +59,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -69,28 +69,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-# `python scripts/soak.py` puts scripts/ on sys.path, not the checkout: the tests' helpers (the
-# private servers, the proxy) are imported from there, like the services run from there.
-sys.path.insert(0, str(ROOT))
-
 import aiohttp
 import asyncpg
 
 from common.settings import Settings
 from common.topology import DEAD_QUEUE, QUEUE
-from tests.cluster import PrivateCluster
-from tests.conftest import TOKEN, free_port
-from tests.proxy import Proxy
-from tests.servers import (
+from tests.support.config import TOKEN, service_settings
+from tests.support.load import make_record
+from tests.support.oracle import COLUMNS, Oracle
+from tests.support.processes import env_from, exit_code, free_port, http_status, kill, spawn
+from tests.support.proxy import Proxy
+from tests.support.servers import (
     RABBIT_BIN,
+    PrivateCluster,
     PrivatePostgres,
     PrivateRabbit,
-    env_from,
-    event_time,
-    http_status,
-    make_record,
-    service_settings,
+    private_dir,
 )
 
 FAULTS = (
@@ -125,69 +119,6 @@ def say(message: str) -> None:
     """One timestamped line of the soak's own log, on stdout."""
     now = datetime.now().strftime("%H:%M:%S.%f")[:-3]
     print(f"{now} +{time.monotonic() - _started:7.1f}s  {message}", flush=True)
-
-
-# --- the oracle -----------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Expect:
-    """What one customer's row must be, folded incrementally from the events answered 200."""
-
-    newest_at: datetime
-    newest_kind: str
-    email: str | None
-    code: str | None
-    created_at: datetime | None = None  # newest creation_time, and that create's status
-    active_yn: bool | None = None
-    blocked_yn: bool | None = None
-    updated_at: datetime | None = None
-
-    def row(self) -> tuple[Any, ...]:
-        deleted = self.newest_kind == "delete"
-        return (
-            None if deleted else self.email,
-            self.code,
-            self.active_yn,
-            self.blocked_yn,
-            self.created_at,
-            self.updated_at,
-            self.newest_at if deleted else None,
-        )
-
-
-COLUMNS = "email, code, active_yn, blocked_yn, created_at, updated_at, deleted_at"
-
-
-class Oracle:
-    """The README's rules, applied to every record answered 200: newest event wins; creates carry
-    the status; created_at/updated_at are the newest creation/update times; a delete erases the
-    email and leaves a tombstone. Memory grows with the customers, not with the events."""
-
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, int], Expect] = {}
-        self.records = 0
-
-    def accepted(
-        self, shop: str, kind: str, events: list[tuple[int, datetime, dict[str, Any]]]
-    ) -> None:
-        for cid, when, record in events:
-            self.records += 1
-            key = (shop, cid)
-            expect = self.rows.get(key)
-            if expect is None:
-                expect = self.rows[key] = Expect(when, kind, record["email"], record["code"])
-            elif when > expect.newest_at:
-                expect.newest_at, expect.newest_kind = when, kind
-                expect.email, expect.code = record["email"], record["code"]
-            if kind == "create" and (expect.created_at is None or when > expect.created_at):
-                expect.created_at = when
-                expect.active_yn, expect.blocked_yn = record["active_yn"], record["blocked_yn"]
-            if kind == "update" and (expect.updated_at is None or when > expect.updated_at):
-                expect.updated_at = when
-
-    def expected(self) -> dict[tuple[str, int], tuple[Any, ...]]:
-        return {key: expect.row() for key, expect in self.rows.items()}
 
 
 # --- the load -------------------------------------------------------------------------------
@@ -248,7 +179,7 @@ class Load:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
-    def _payload(self) -> tuple[str, str, list[tuple[int, datetime, dict[str, Any]]]]:
+    def _payload(self) -> tuple[str, str, list[tuple[int, dict[str, Any]]]]:
         rng = self.rng
         shop = rng.choice(self.shops)
         kind = rng.choices(("create", "update", "delete"), (5, 4, 1))[0]
@@ -260,7 +191,7 @@ class Load:
             # events; a lost payload whose events were all superseded would leave no trace.)
             self._tracer_ids[shop] += 1
             cid = self._tracer_ids[shop]
-            events.append((cid, event_time(cid, 0), make_record(kind, cid, 0)))
+            events.append((cid, make_record(kind, cid, 0)))
             count -= 1
         for _ in range(count):
             cid = rng.randint(1, self.customers)
@@ -269,7 +200,7 @@ class Load:
                 continue
             self._next_slot[(shop, cid)] = n + 1
             slot = (n * self._stride + self._offset) % PRIME
-            events.append((cid, event_time(cid, slot), make_record(kind, cid, slot)))
+            events.append((cid, make_record(kind, cid, slot)))
         rng.shuffle(events)
         return shop, kind, events
 
@@ -310,21 +241,22 @@ class Load:
             await asyncio.sleep(self.pause)
 
     async def _deliver(
-        self, shop: str, kind: str, events: list[tuple[int, datetime, dict[str, Any]]]
+        self, shop: str, kind: str, events: list[tuple[int, dict[str, Any]]]
     ) -> None:
         stats = self.stats
         stats.payloads += 1
         stats.records += len(events)
-        body = {"project_name": shop, "customers": [record for _, _, record in events]}
+        records = [record for _, record in events]
+        body = {"project_name": shop, "customers": records}
         try:
             while True:
                 status, request_id = await self._post(kind, body)
                 if status in (200, 204):
                     stats.ok += 1
                     stats.ok_records += len(events)
-                    self.oracle.accepted(shop, kind, events)
+                    self.oracle.accepted(shop, kind, records)
                     if self.tracers:
-                        tracer = max(cid for cid, _, _ in events)  # above every bounded one
+                        tracer = max(cid for cid, _ in events)  # above every bounded one
                         self.acknowledged[(shop, tracer)] = (request_id, time.time())
                     return
                 if self._give_up.is_set():
@@ -394,15 +326,8 @@ class Service:
             extra = {"WORKER_PORT": str(self.port), "WORKER_HOST": "127.0.0.1"}
         else:
             self.port = self.settings.receiver_port
-        with self.log.open("wb") as out:
-            self.popen = subprocess.Popen(  # noqa: S603 - the project's own module, this interpreter
-                [sys.executable, "-m", self.module],
-                env=env_from(self.settings, **extra),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
+        env = env_from(self.settings, **extra)
+        self.popen = spawn(self.module, env=env, log=self.log, new_session=True)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -417,11 +342,7 @@ class Service:
 
     async def wait_exit(self, timeout: float) -> int | None:  # noqa: ASYNC109 - a deadline
         """The exit code, or None when it did not exit within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        # Polling: a child's exit is no event to wait on without a thread or a SIGCHLD watcher.
-        while self.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        return self.returncode()
+        return await exit_code(self.popen, timeout) if self.popen else None
 
     async def ready(self, timeout: float = READY_TIMEOUT) -> bool:  # noqa: ASYNC109 - a deadline
         deadline = time.monotonic() + timeout
@@ -434,11 +355,8 @@ class Service:
         return False
 
     def kill(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(10)
+        if self.popen is not None:
+            kill(self.popen)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -467,13 +385,6 @@ class Options:
     tracers: bool
     receiver_processes: int = 1
     cluster: bool = False
-
-
-def private_dir(prefix: str) -> Path:
-    # World-traversable: the private Postgres runs as `postgres` when the soak runs as root.
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path
 
 
 class Soak:
@@ -885,7 +796,8 @@ class Soak:
         """(rows by key, duplicate keys, rejected records, rows of shops the soak never sent)."""
         conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
-            rows = await conn.fetch(f"SELECT project_name, customer_id, {COLUMNS} FROM customers")  # noqa: S608 - constant column list
+            columns = ", ".join(COLUMNS)
+            rows = await conn.fetch(f"SELECT project_name, customer_id, {columns} FROM customers")  # noqa: S608 - constant column list
             duplicates = await conn.fetchval(
                 "SELECT count(*) - count(DISTINCT (project_name, customer_id)) FROM customers"
             )
