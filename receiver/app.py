@@ -13,130 +13,21 @@ import hmac
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import nullcontext
 from typing import Any
 
 import msgspec
 from aiohttp import hdrs, web
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from common import schema
 from common.message import COMPRESS_FROM_BYTES, Webhook
-from common.metrics import LATENCY_BUCKETS
 from common.settings import Settings
+from receiver.limits import BodyBudget, Turns
+from receiver.metrics import ReceiverMetrics
 from receiver.publisher import NotStored, Publisher
 
 log = logging.getLogger(__name__)
-
-
-class ReceiverMetrics:
-    """What the receiver counts."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "upgates_receiver_requests",
-            "Webhook requests answered, by event and HTTP status.",
-            ["event", "status"],
-            registry=self.registry,
-        )
-        self.publish_seconds = Histogram(
-            "upgates_receiver_publish_seconds",
-            "Time from publish to the broker's confirm (or failure).",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.request_seconds = Histogram(
-            "upgates_receiver_request_seconds",
-            "Time to answer a webhook, by event.",
-            ["event"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.records = Counter(
-            "upgates_receiver_records",
-            "Customer records accepted (answered 200), by event.",
-            ["event"],
-            registry=self.registry,
-        )
-        self.bytes = Counter(
-            "upgates_receiver_received_bytes",
-            "Body bytes of accepted webhooks.",
-            registry=self.registry,
-        )
-
-
-class Turns:
-    """One turn every other event-loop iteration, in the order asked: for the receiver's heavy
-    steps.
-
-    Checking and compressing a full payload holds the loop for milliseconds. When a burst brings
-    dozens of bodies at once, each ready one would run in the same iteration, while the broker's
-    confirms, the answers and the next bodies' bytes waited, and each new request took CPU from
-    the ones that came before it. Taken in turns, a burst's bodies are dealt with in the order
-    they arrived, and the loop polls for I/O between any two.
-
-    Between two turns, one iteration goes without: a request's way from its publish to its
-    answer takes several iterations (its frames written, the confirm read, the tasks it wakes),
-    and each of them would otherwise wait out a turn as well.
-    """
-
-    def __init__(self) -> None:
-        self._taken = False
-        self._waiting: deque[asyncio.Future[None]] = deque()
-
-    async def take(self) -> None:
-        """Return in an iteration no other turn has (at once, when none is taken or awaited)."""
-        loop = asyncio.get_running_loop()
-        if not self._taken:
-            self._taken = True
-        else:
-            future = loop.create_future()
-            self._waiting.append(future)
-            try:
-                await future
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled():  # given the turn, then cancelled
-                    loop.call_soon(self._pass)
-                raise
-        loop.call_soon(self._pass)  # the turn ends with this iteration
-
-    def _pass(self) -> None:
-        # Runs in the iteration after a turn's, with only the light callbacks (confirms, answers,
-        # bodies' bytes); the next waiter resumes in the iteration after this one.
-        while self._waiting:
-            future = self._waiting.popleft()
-            if not future.done():  # done: its request was cancelled while waiting
-                future.set_result(None)
-                return
-        self._taken = False
-
-
-class BodyBudget:
-    """Body bytes the requests in flight may hold together (MAX_BODY_BYTES_IN_FLIGHT).
-
-    A request reserves its body's size before reading it, so that a burst of large bodies gets
-    fast 503s instead of the receiver's memory.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def reserve(self, size: int) -> bool:
-        """Hold `size` bytes if they fit; False if not."""
-        # A body larger than the whole budget still goes in alone: refusing it for ever would
-        # only make its sender retry for ever.
-        if self.held and self.held + size > self.limit:
-            return False
-        self.held += size
-        return True
-
-    def release(self, size: int) -> None:
-        """Give back what reserve() held."""
-        self.held -= size
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -315,7 +206,7 @@ async def _read_and_publish(
     request: web.Request, settings: Settings, event: str, granted: str
 ) -> tuple[web.Response, str | None, int]:
     # A small body comes whole with the headers: nothing to wait for, so no timer to set and
-    # cancel (a twentieth of the receiver's CPU on everyday webhooks).
+    # cancel, which is a noticeable share of the receiver's work on everyday webhooks.
     arrived = request.content.is_eof()
     try:
         async with nullcontext() if arrived else asyncio.timeout(settings.body_read_timeout):

@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.logs import REDACTED, JsonFormatter, RedactSecrets
 from common.settings import Settings
 from common.topology import QUEUE
-from receiver.app import METRICS, BodyBudget
+from receiver.app import METRICS
+from receiver.limits import BodyBudget
 from receiver.server import Connection, running
 from tests.support.config import TOKEN
 from tests.support.processes import ROOT, env_for, free_port, listening, spawn, stop

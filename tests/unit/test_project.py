@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import ENV_VARS, Settings, SettingsError, load_settings
-from receiver.app import ReceiverMetrics
+from receiver.metrics import ReceiverMetrics
 from tests.support.processes import ROOT
 from worker.metrics import WorkerMetrics
 

@@ -1,4 +1,4 @@
-"""Full payloads in a burst take turns (receiver/app.py's Turns): pure asyncio, no services."""
+"""Full payloads in a burst take turns (receiver/limits.py's Turns): pure asyncio, no services."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from common.runtime import new_event_loop
-from receiver.app import Turns
+from receiver.limits import Turns
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, new_event_loop])
