@@ -79,8 +79,9 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} (
 """
 
 # Built from constants only; the data travels through COPY.
-# A temporary table has no index and is never scanned in parallel: the SELECT reads it in the
-# order it was written, which is key order, so concurrent upserts lock rows in one global order.
+# A temporary table has no index and is never scanned in parallel: the SELECT (and MERGE's
+# nested loop) reads it in the order it was written, which is key order, so concurrent workers
+# lock rows in one global order.
 _COLUMNS = ", ".join(BATCH_COLUMNS)
 INSERT = f"""
 INSERT INTO customers AS c ({_COLUMNS})
@@ -142,17 +143,27 @@ WHEN NOT MATCHED THEN INSERT ({_COLUMNS})
 """  # noqa: S608
 
 
-# When each shop's ids in the batch are a run of neighbouring ids (a bulk update, an import's
-# creates sent again), one MERGE per shop bounds the primary key to the run's first and last id,
-# so Postgres reads that stretch of the index once instead of finding each row on its own. The
-# stretch holds at most RUN_DENSITY times as many ids as the batch has rows there; a sparse
-# batch, whose stretch would hold many rows it does not touch, is merged whole. Every row of the
-# shop lies within its stretch, so the bound never makes MERGE take a customer it has for a new
-# one. The plans are the planner's own: forcing a join method did not make them cheaper.
+# How MERGE finds the rows. In general, an index lookup per row (a nested loop), which keeps it
+# cheap and locks rows in the batch's key order: the planner chose it in the probes, and is told
+# to. When each shop's ids in the batch are a run of neighbouring ids (a bulk update, an
+# import's creates sent again), one MERGE per shop walks the primary key from the run's first
+# id to its last instead (a merge join against an index range scan, still in key order): the
+# leaf pages are read once, where each lookup descends from the root. The range is only the
+# run's: it holds at most RUN_DENSITY times as many ids as the batch has rows there, so a sparse
+# batch, whose range would hold many rows it does not touch, is looked up row by row. Every row
+# of the shop lies within its range, so the range never makes MERGE take a customer it has for a
+# new one.
 MERGE = _merge(f"pg_temp.{BATCH_TABLE}", "")
+LOOKUP_PER_ROW = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
 MERGE_RUN = _merge(
     f"(SELECT * FROM pg_temp.{BATCH_TABLE} WHERE project_name = $1)",  # noqa: S608
     " AND c.project_name = $1 AND c.customer_id BETWEEN $2 AND $3",
+)
+# jit off: the range scan's estimate grows with the run, and compiling would cost more than a
+# batch's MERGE (which the lookups' plan, estimated far cheaper, never reaches).
+WALK_RUNS = (
+    "SET LOCAL enable_hashjoin = off; SET LOCAL enable_nestloop = off;"
+    " SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off"
 )
 RUN_DENSITY = 2  # a run's range of ids holds at most this many ids per row of the batch
 RUN_SHOPS = 4  # at most this many shops' runs in a batch (the batch table is read once for each)
@@ -300,9 +311,12 @@ async def _merge_unless_raced(conn: asyncpg.Connection, rows: list[Row]) -> int 
     when another transaction inserted one of the batch's new keys meanwhile."""
     shop_runs = runs(rows)
     try:
-        async with conn.transaction():  # a savepoint: a raced MERGE leaves nothing behind
+        async with conn.transaction():  # a savepoint; its rollback also undoes the SET LOCAL
             if shop_runs is None:
-                return _rows_affected(await conn.execute(MERGE))
+                await conn.execute(LOOKUP_PER_ROW)
+                status = await conn.execute(MERGE)
+                return _rows_affected(status)
+            await conn.execute(WALK_RUNS)
             changed = 0
             for shop, first, last in shop_runs:
                 status = await conn.execute(MERGE_RUN, shop, first, last)
