@@ -144,15 +144,15 @@ WHEN NOT MATCHED THEN INSERT ({_COLUMNS})
 
 
 # How MERGE finds the rows. In general, an index lookup per row (a nested loop), which keeps it
-# cheap and locks rows in the batch's key order: the planner chose it in the probes, and is told
-# to. When each shop's ids in the batch are a run of neighbouring ids (a bulk update, an
-# import's creates sent again), one MERGE per shop walks the primary key from the run's first
-# id to its last instead (a merge join against an index range scan, still in key order): the
-# leaf pages are read once, where each lookup descends from the root. The range is only the
-# run's: it holds at most RUN_DENSITY times as many ids as the batch has rows there, so a sparse
-# batch, whose range would hold many rows it does not touch, is looked up row by row. Every row
-# of the shop lies within its range, so the range never makes MERGE take a customer it has for a
-# new one.
+# cheap and locks rows in the batch's key order. The planner is told to: left alone, it scans
+# and hashes the whole table once the table has grown large. When each shop's ids in the batch
+# are a run of neighbouring ids (a bulk update, an import's creates sent again), one MERGE per
+# shop walks the primary key from the run's first id to its last instead (a merge join against
+# an index range scan, still in key order): the leaf pages are read once, where each lookup
+# descends from the root. The range is only the run's: it holds at most RUN_DENSITY times as
+# many ids as the batch has rows there, so a sparse batch, whose range would hold many rows it
+# does not touch, is looked up row by row. Every row of the shop lies within its range, so the
+# range never makes MERGE take a customer it has for a new one.
 MERGE = _merge(f"pg_temp.{BATCH_TABLE}", "")
 LOOKUP_PER_ROW = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
 MERGE_RUN = _merge(
